@@ -1,0 +1,291 @@
+"""Training configuration: frozen dataclasses whose fields carry their help text, choices and bounds.
+
+The CLI (``sfgrpo train --train.group_size 16``), config files (YAML/JSON, one mapping per section) and the
+ComfyUI node widgets are all built from these fields, so defaults and tooltips live here and only here.
+Defaults follow Flow-GRPO / Stepwise-Flow-GRPO (algorithm.md section 7) unless the field says "(ours)".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .sde import SDE_NAMES
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field (``section.field``) and what to change."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+           maximum: float | None = None) -> Any:
+    """A dataclass field with help text and validation bounds in its metadata."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple for sequence defaults; configs are immutable")
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = option("toy", "Model backend, from sfgrpo_core.models.available(): 'toy' is the 2-D toy world.")
+    path: str = option("", "Weights for the backend (a file or folder). Empty: the backend's built-in default "
+                           "(the toy world pretrains its base model deterministically in seconds).")
+    device: str = option("cpu", "Torch device for the model and the SDE math, e.g. 'cpu' or 'cuda'.")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    sde: str = option("ddim", "Rollout sampler: 'ddim' (the paper's DDIM-inspired SDE, a few-step sampler that "
+                              "becomes under-dispersed with many steps), 'flow_grpo' (Flow-GRPO's SDE), 'cps' "
+                              "(flow_grpo's coefficient-preserving sampler) or 'ode' (deterministic; cannot train).",
+                      choices=SDE_NAMES)
+    eta: float = option(0.7, "Noise strength of the 'ddim' and 'cps' samplers: sigma_t = eta * s * sqrt(1 - t) "
+                             "for ddim. Not published; 0.7 is ours.", minimum=0.0, maximum=1.0)
+    noise_level: float = option(0.7, "Noise level a of the 'flow_grpo' SDE: std_t = a * sqrt(t / (1 - t)).",
+                                minimum=0.0, maximum=2.0)
+    steps: int = option(10, "Denoising steps T of each training rollout (Flow-GRPO trains with 10).", minimum=1,
+                        maximum=1000)
+    shift: float = option(3.0, "SD3 time shift of the sigma grid (3.0 for SD3/SD3.5 at 1024 px).", minimum=0.01,
+                          maximum=100.0)
+    train_last_step: bool = option(False, "Also train the last step (sigma ~0.009 -> 0). Flow-GRPO skips it: its "
+                                          "noise is tiny and its log-prob ill-conditioned.")
+
+
+@dataclass(frozen=True)
+class CreditConfig:
+    method: str = option("stepwise", "'stepwise' (Stepwise-Flow-GRPO: each step's advantage from its own reward "
+                                     "gain) or 'flow_grpo' (every step gets the final reward's advantage).",
+                         choices=("stepwise", "flow_grpo"))
+    substeps: int = option(5, "T': Euler ODE substeps that complete each intermediate state to a clean estimate "
+                              "before it is rewarded. 1 = the one-step Tweedie estimate; the paper finds 5 robust.",
+                           minimum=1, maximum=100)
+    normalization: str = option("joint", "'joint' normalizes gains over all (member, step) pairs of a group (the "
+                                         "paper's); 'per_step' normalizes each step on its own (ablation only).",
+                                choices=("joint", "per_step"))
+    std_scope: str = option("group", "Divide by the std of the 'group' or of the whole batch ('global', like "
+                                     "flow_grpo's global_std; ours).", choices=("group", "global"))
+    advantage_clip: float = option(5.0, "Advantages are clipped to +-this.", minimum=0.0)
+    std_eps: float = option(1e-4, "Added to the std when normalizing advantages.", minimum=0.0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = option(3e-4, "AdamW learning rate of the LoRA weights.", minimum=0.0)
+    weight_decay: float = option(1e-4, "AdamW weight decay.", minimum=0.0)
+    grad_clip: float = option(1.0, "Gradient-norm clip per optimizer step (0 disables it).", minimum=0.0)
+    clip_range: float = option(1e-4, "PPO clip eps of the importance ratio. 1e-4 is calibrated to log-probs "
+                                     "averaged over elements.", minimum=0.0)
+    kl_beta: float = option(0.0, "Weight of the KL penalty to the base model (the adapter switched off); "
+                                 "0.01-0.04 is typical when used.", minimum=0.0)
+    minibatches: int = option(2, "Optimizer steps per iteration: the iteration's transitions are shuffled and "
+                                 "split into this many minibatches (Flow-GRPO takes 2).", minimum=1)
+    micro_batch_size: int = option(0, "Transitions per forward/backward pass; gradients accumulate within a "
+                                      "minibatch. 0 = the whole minibatch at once.", minimum=0)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = option(32, "LoRA rank r.", minimum=1)
+    alpha: float = option(64.0, "LoRA alpha (the update is scaled by alpha / rank).", minimum=0.0)
+    target_modules: tuple[str, ...] = option((), "Module names that get adapters. Empty: the backend's default "
+                                                 "(for SD3/FLUX, the attention projections).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    reward: str = option("toy_mode", "Reward, from sfgrpo_core.rewards.available().")
+    reward_options: str = option("{}", "JSON object of keyword options for the reward's factory.")
+    prompts: tuple[str, ...] = option((), "Training prompts. Empty: the backend's default training prompts.")
+    eval_prompts: tuple[str, ...] = option((), "Held-out prompts for evaluation. Empty: the backend's default.")
+    group_size: int = option(8, "Members per prompt group: they share the prompt and the initial noise. GRPO "
+                                "compares them, so at least 2 (Flow-GRPO uses 16-24).", minimum=2)
+    groups_per_iteration: int = option(4, "Prompt groups sampled per iteration (Flow-GRPO uses 48).", minimum=1)
+    iterations: int = option(30, "Sampling iterations (rollout -> rewards -> update) to run in total.", minimum=1)
+    seed: int = option(0, "Seed; prompt choice and all noise are derived from (seed, iteration, group, member), "
+                          "so a resumed run matches an uninterrupted one.", minimum=0)
+    output_dir: str = option("runs/toy", "Run folder: config, metrics.jsonl, checkpoints, the LoRA and plots are "
+                                         "written here and nowhere else.")
+    checkpoint_every: int = option(10, "Save a checkpoint every this many iterations (and at the end).", minimum=1)
+    keep_checkpoints: int = option(2, "How many recent checkpoints to keep.", minimum=1)
+    eval_every: int = option(10, "Evaluate held-out reward with the ODE sampler every this many iterations (and "
+                                 "before the first and after the last). 0 disables evaluation.", minimum=0)
+    eval_samples: int = option(16, "Samples per held-out prompt in each evaluation.", minimum=1)
+    eval_steps: int = option(10, "ODE steps of the evaluation sampler.", minimum=1)
+    reward_batch_size: int = option(64, "Samples per reward call and per batched completion/decode.", minimum=1)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "sampler": SamplerConfig,
+    "credit": CreditConfig,
+    "optim": OptimConfig,
+    "lora": LoRAConfig,
+    "train": TrainConfig,
+}
+
+# Fields a resumed run may change: they extend or re-schedule the run without changing what was learned so far.
+RESUMABLE_CHANGES = frozenset({"train.iterations", "train.checkpoint_every", "train.keep_checkpoints",
+                               "train.eval_every", "model.device", "train.output_dir"})
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for name, section_type in SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, section_type):
+                raise ConfigError(f"{name}: expected a {section_type.__name__}, got {type(section).__name__}")
+            for spec in dataclasses.fields(section):
+                _check_bounds(f"{name}.{spec.name}", getattr(section, spec.name), spec.metadata)
+        try:
+            options = json.loads(self.train.reward_options)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"train.reward_options: not valid JSON ({error}); "
+                              "write e.g. '{\"quality\": 80}'") from None
+        if not isinstance(options, dict):
+            raise ConfigError("train.reward_options: must be a JSON object such as '{}'")
+        if self.sampler.sde == "ode":
+            raise ConfigError("sampler.sde: 'ode' has no noise, so it gives no policy gradient; use 'ddim', "
+                              "'flow_grpo' or 'cps' for training")
+
+    @property
+    def reward_kwargs(self) -> dict[str, Any]:
+        return json.loads(self.train.reward_options)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with ``section.field`` values replaced (keys use '__' or '.' between section and field)."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            section, _, name = key.replace("__", ".").partition(".")
+            data.setdefault(section, {})[name] = value
+        return config_from_dict(data)
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    return {spec.name: _plain(getattr(section, spec.name)) for spec in dataclasses.fields(section)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_bounds(path: str, value: Any, metadata: typing.Mapping[str, Any]) -> None:
+    choices, minimum, maximum = metadata.get("choices"), metadata.get("minimum"), metadata.get("maximum")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}: must be >= {minimum}, got {value!r}. {metadata['help']}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{path}: must be <= {maximum}, got {value!r}. {metadata['help']}")
+
+
+def field_type(section_type: type, name: str) -> Any:
+    """The resolved annotation of ``section_type.name`` (the module uses postponed annotations)."""
+    return typing.get_type_hints(section_type)[name]
+
+
+def coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Convert a parsed YAML/JSON/CLI value to the field's type, or raise ConfigError naming ``path``."""
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, dict) and path.endswith("_options"):
+            return json.dumps(value)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected text, got {value!r}")
+        return str(value)
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, str):
+            value = [line.strip() for line in value.replace(",", "\n").splitlines() if line.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{path}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{path}: unsupported field type {annotation!r}")
+
+
+def config_from_dict(data: typing.Mapping[str, Any]) -> Config:
+    """Build and validate a Config from nested mappings {section: {field: value}}.
+
+    Raises:
+        ConfigError: naming the unknown section/field or the invalid value.
+    """
+    if not isinstance(data, typing.Mapping):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    sections = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown section; valid sections are {', '.join(SECTIONS)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, typing.Mapping):
+            raise ConfigError(f"{name}: expected a mapping of fields, got {values!r}")
+        section_type = SECTIONS[name]
+        valid = {spec.name for spec in dataclasses.fields(section_type)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in valid:
+                raise ConfigError(f"{name}.{key}: unknown field; valid fields are {', '.join(sorted(valid))}")
+            kwargs[key] = coerce(f"{name}.{key}", value, field_type(section_type, key))
+        sections[name] = section_type(**kwargs)
+    return Config(**sections)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML (.yaml/.yml) or JSON config file; missing sections and fields take their defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON: {error}") from None
+    return config_from_dict(data)
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """Dotted names of the fields whose values differ."""
+    old_data, new_data = old.to_dict(), new.to_dict()
+    return [f"{section}.{name}" for section, values in old_data.items() for name, value in values.items()
+            if new_data[section][name] != value]

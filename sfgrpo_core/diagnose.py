@@ -1,0 +1,105 @@
+"""Built-in health checks that flow_grpo's maintainers ask every user to run by hand.
+
+1. on_policy_ratio: the importance ratio of freshly recorded transitions, recomputed with the same weights
+   through the update's code path, is 1.
+2. log_prob_parity: log-probs recomputed in shuffled micro-batches equal the rollout's (batch composition must
+   not change a sample's log-prob).
+3. zero_noise_is_ode: the training SDE with its noise set to 0 gives the ODE sampler's samples.
+4. ode_matches_base: with a freshly attached (zero) LoRA the ODE samples equal the base model's (adapter off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import losses, models, seeding
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import Config
+from .lora import adapter_disabled, attach_lora, load_lora_state_dict
+from .models.base import VelocityModel
+from .rollout import choose_prompts, make_prompt_batch, rollout
+from .schedule import flow_sigmas
+from .sde import get_step_function
+from .update import recompute_steps
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    value: float
+    threshold: float
+    detail: str
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        return f"{status}  {self.name:<18} {self.value:.3e} (threshold {self.threshold:.0e})  {self.detail}"
+
+
+def _strength(config: Config) -> float:
+    return config.sampler.noise_level if config.sampler.sde == "flow_grpo" else config.sampler.eta
+
+
+@torch.no_grad()
+def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: float = 1e-4) -> list[CheckResult]:
+    """Run the checks on the configured model (with the run's latest LoRA, if the run folder holds one)."""
+    run_dir = Path(config.train.output_dir)
+    if model is None:
+        model = models.build(config.model.name, path=config.model.path, device=config.model.device,
+                             cache_dir=run_dir if run_dir.is_dir() else None)
+    targets = config.lora.target_modules or model.default_lora_targets
+    attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
+                seed=seeding.derive_seed(config.train.seed, "lora"))
+    results = [_ode_matches_base(config, model, tolerance)]
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        load_lora_state_dict(model.module, load_checkpoint(checkpoint).lora)
+    step_fn = get_step_function(config.sampler.sde, _strength(config))
+    sigmas = flow_sigmas(config.sampler.steps, config.sampler.shift)
+    prompts = choose_prompts(config.train.prompts or model.default_prompts, config.train.groups_per_iteration,
+                             config.train.seed, 0)
+    batch = make_prompt_batch(model, prompts, config.train.group_size, config.train.seed, 0, config.model.device)
+    recorded = rollout(model, batch, sigmas, step_fn, train_last_step=config.sampler.train_last_step)
+    members, steps = torch.nonzero(recorded.active, as_tuple=True)
+
+    same_batches = recompute_steps(model, recorded, members, steps, step_fn)
+    result = losses.grpo_loss(same_batches.log_prob, recorded.log_probs[members, steps], torch.ones(len(members)),
+                              clip_range=config.optim.clip_range)
+    ratio = torch.exp(same_batches.log_prob - recorded.log_probs[members, steps])
+    deviation = float((ratio - 1).abs().max()) if len(members) else 0.0
+    results.append(CheckResult("on_policy_ratio", deviation <= tolerance, deviation, tolerance,
+                               f"max |ratio - 1| over {len(members)} active transitions; loss ratio mean "
+                               f"{result.ratio_mean:.6f}, clip fraction {result.clip_fraction:.3f}"))
+
+    order = torch.randperm(len(members), generator=seeding.generator(config.train.seed, "diagnose"))
+    micro = max(1, min(config.optim.micro_batch_size or 7, len(members)))
+    parity = 0.0
+    for chunk in torch.split(order, micro):
+        step = recompute_steps(model, recorded, members[chunk], steps[chunk], step_fn)
+        parity = max(parity, float((step.log_prob - recorded.log_probs[members[chunk], steps[chunk]]).abs().max()))
+    results.append(CheckResult("log_prob_parity", parity <= tolerance, parity, tolerance,
+                               f"max |log p(update path, micro-batches of {micro}) - log p(rollout)|"))
+
+    zero_noise = get_step_function(config.sampler.sde, 0.0)
+    sde_samples = rollout(model, batch, sigmas, zero_noise).final
+    ode_samples = rollout(model, batch, sigmas, get_step_function("ode", 0.0)).final
+    gap = float((sde_samples - ode_samples).abs().max())
+    results.append(CheckResult("zero_noise_is_ode", gap <= tolerance, gap, tolerance,
+                               f"max |{config.sampler.sde}(strength 0) - ode| of final samples"))
+    return results
+
+
+def _ode_matches_base(config: Config, model: VelocityModel, tolerance: float) -> CheckResult:
+    sigmas = flow_sigmas(config.sampler.steps, config.sampler.shift)
+    prompts = list(config.train.prompts or model.default_prompts)[:4]
+    batch = make_prompt_batch(model, prompts, 2, config.train.seed, 0, config.model.device)
+    ode = get_step_function("ode", 0.0)
+    with_adapter = rollout(model, batch, sigmas, ode).final
+    with adapter_disabled(model.module):
+        base = rollout(model, batch, sigmas, ode).final
+    gap = float((with_adapter - base).abs().max())
+    return CheckResult("ode_matches_base", gap <= tolerance, gap, tolerance,
+                       "max |ODE samples with a fresh LoRA - base model (adapter off)|")

@@ -1,0 +1,111 @@
+"""LoRA adapters through peft on any nn.Module, their safetensors files, and the reference policy switch.
+
+The reference policy of the KL penalty is the base model, obtained by switching the adapter off: no second copy
+of the weights is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_save_safetensors
+
+ADAPTER = "default"
+FORMAT = "sfgrpo-peft-lora"
+
+
+def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str],
+                seed: int = 0) -> list[nn.Parameter]:
+    """Inject LoRA adapters (B initialised to 0, so the policy starts as the base model) and freeze the rest.
+
+    Args:
+        module: the network; modified in place.
+        rank, alpha: LoRA rank r and alpha (the update is scaled by alpha / r).
+        target_modules: names (or name suffixes) of the Linear layers to adapt.
+        seed: seeds the A matrices, without touching the global RNG.
+
+    Returns:
+        The trainable LoRA parameters.
+
+    Raises:
+        ValueError: naming the targets when none of them matches a module.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+        except ValueError as error:
+            raise ValueError(f"lora.target_modules {list(target_modules)} match no layer of the model: "
+                             f"{error}") from None
+    parameters = []
+    for name, parameter in module.named_parameters():
+        is_lora = "lora_" in name
+        parameter.requires_grad_(is_lora)
+        if is_lora:
+            parameters.append(parameter)
+    return parameters
+
+
+def _tuner_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapter_disabled(module: nn.Module) -> Iterator[None]:
+    """Within the block the module computes the base (reference) policy."""
+    layers = _tuner_layers(module)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft's key format ('<module>.lora_A.weight', ...)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights saved by ``lora_state_dict``; raises ValueError on missing or unexpected keys."""
+    expected = set(lora_state_dict(module))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"LoRA weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+
+
+def save_lora(path: str | Path, module: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str]) -> Path:
+    """Write the adapter to ``path`` as safetensors (atomically), with rank/alpha/targets in its metadata."""
+    metadata = {"format": FORMAT, "rank": str(rank), "alpha": str(alpha),
+                "target_modules": json.dumps(list(target_modules))}
+    atomic_save_safetensors(lora_state_dict(module), path, metadata)
+    return Path(path)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(weights, metadata) of a LoRA file written by ``save_lora``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return load_file(str(path)), metadata

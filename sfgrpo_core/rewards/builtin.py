@@ -1,0 +1,72 @@
+"""Built-in rewards that need no weights: DDPO's JPEG (in)compressibility and the toy world's mode closeness."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models import toy
+from . import register
+
+
+def to_pil_images(images: Any) -> list[Image.Image]:
+    """A list of PIL images from a list of PIL images or a uint8 array/tensor [B, H, W, 3]."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {images.shape}")
+        return [Image.fromarray(image) for image in images]
+    return [image.convert("RGB") for image in images]
+
+
+class JpegSize:
+    """DDPO's weight-free reward: the JPEG file size in kB at ``quality`` (x -1 for compressibility)."""
+
+    def __init__(self, sign: float, quality: int = 95):
+        if not 1 <= quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {quality}")
+        self.sign, self.quality = sign, quality
+
+    def __call__(self, images: Any, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
+        sizes = []
+        for image in to_pil_images(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=self.quality)
+            sizes.append(buffer.tell() / 1000.0)
+        return self.sign * torch.tensor(sizes, dtype=torch.float32)
+
+
+class ToyModeCloseness:
+    """exp(-|x - c_k|^2 / (2 width^2)) for points x [B, 2] and prompts 'mode k': 1 at the asked mode's centre."""
+
+    def __init__(self, width: float = 1.5):
+        if width <= 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        self.width = width
+
+    def __call__(self, points: Any, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
+        points = torch.as_tensor(points, dtype=torch.float32).cpu()
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise ValueError(f"toy_mode scores 2-D points [B, 2], got shape {tuple(points.shape)}")
+        centres = toy.MODE_CENTERS[[toy.prompt_mode(prompt) for prompt in prompts]]
+        return torch.exp(-((points - centres) ** 2).sum(1) / (2 * self.width**2))
+
+
+register("jpeg_compressibility", lambda quality=95: JpegSize(-1.0, quality))
+register("jpeg_incompressibility", lambda quality=95: JpegSize(1.0, quality))
+register("toy_mode", ToyModeCloseness)
+
+
+def _mini_geneval():
+    from ..miniworld.geneval import MiniGenEval
+
+    return MiniGenEval()
+
+
+register("mini_geneval", _mini_geneval)

@@ -1,0 +1,113 @@
+"""Rollouts: prompt groups with shared initial noise, sampled with a recorded SDE trajectory."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import seeding
+from .models.base import VelocityModel
+from .models.condition import Condition, select
+from .sde import StepFunction, trainable_mask
+from .tweedie import x0_estimate
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+"""fn(step k, total T, x_k [N, ...], x0 estimate at step k [N, ...]); for progress bars and previews."""
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """N = groups x group_size trajectories; members of a group share prompt, condition and initial noise."""
+
+    prompts: list[str]
+    group_ids: torch.Tensor
+    condition: Condition
+    initial_noise: torch.Tensor
+    member_seeds: list[int]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A recorded batch of trajectories.
+
+    Attributes:
+        states: [N, T + 1, ...] float32; states[:, 0] is the initial noise x_0, states[:, T] the final sample.
+        log_probs: [N, T] log-density of transition k (states[:, k] -> states[:, k + 1]) at rollout.
+        stds: [N, T] noise std of each transition (0 for deterministic ones).
+        active: [N, T] bool; transitions that train (stochastic enough, and not the skipped last step).
+        sigmas: [T + 1] the grid; transition k goes sigmas[k] -> sigmas[k + 1].
+    """
+
+    states: torch.Tensor
+    log_probs: torch.Tensor
+    stds: torch.Tensor
+    active: torch.Tensor
+    sigmas: torch.Tensor
+    batch: PromptBatch
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.states[:, -1]
+
+
+def choose_prompts(prompts: Sequence[str], groups: int, seed: int, iteration: int) -> list[str]:
+    """``groups`` prompts drawn without replacement while possible, from (seed, iteration) alone."""
+    if not prompts:
+        raise ValueError("train.prompts: the prompt list is empty; give at least one prompt")
+    rng = random.Random(seeding.derive_seed(seed, iteration, "prompts"))
+    chosen: list[str] = []
+    while len(chosen) < groups:
+        chosen += rng.sample(list(prompts), min(len(prompts), groups - len(chosen)))
+    return chosen
+
+
+def make_prompt_batch(model: VelocityModel, group_prompts: Sequence[str], group_size: int, seed: int,
+                      iteration: int, device: torch.device | str = "cpu") -> PromptBatch:
+    """Expand one prompt per group into members, with the group's shared initial noise (seeded by
+    (seed, iteration, group)) and a per-member seed for the step noise (seeded by (seed, iteration, group, member))."""
+    condition = model.encode_prompts(list(group_prompts))
+    group_ids = torch.arange(len(group_prompts)).repeat_interleave(group_size)
+    noise = [torch.randn(model.sample_shape, generator=seeding.generator(seed, iteration, group, "initial"))
+             for group in range(len(group_prompts))]
+    return PromptBatch(
+        prompts=[group_prompts[group] for group in group_ids.tolist()],
+        group_ids=group_ids,
+        condition=select(condition, group_ids),
+        initial_noise=torch.stack(noise)[group_ids].to(device),
+        member_seeds=[seeding.derive_seed(seed, iteration, group, member, "steps")
+                      for group in range(len(group_prompts)) for member in range(group_size)],
+    )
+
+
+@torch.no_grad()
+def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step_fn: StepFunction, *,
+            train_last_step: bool = False, callback: StepCallback | None = None) -> Rollout:
+    """Sample every member with ``step_fn`` and record the trajectory, log-probs and stds.
+
+    Each member's step noise comes from its own generator, so a member's trajectory does not depend on which
+    other members share the batch.
+    """
+    x = batch.initial_noise.float()
+    count, steps = x.shape[0], len(sigmas) - 1
+    generators = [torch.Generator().manual_seed(seed) for seed in batch.member_seeds]
+    states, log_probs, stds = [x], [], []
+    for k in range(steps):
+        sigma = sigmas[k].expand(count).to(x.device)
+        velocity = model.velocity(x, sigma, batch.condition)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=generator) for generator in generators]).to(x.device)
+        step = step_fn(x, velocity, sigma, sigmas[k + 1].expand(count).to(x.device), noise=noise)
+        if callback is not None:
+            callback(k, steps, x, x0_estimate(x, velocity, sigma))
+        x = step.prev_sample
+        states.append(x)
+        log_probs.append(step.log_prob)
+        stds.append(step.std)
+    stds_tensor = torch.stack(stds, dim=1)
+    active = trainable_mask(stds_tensor)
+    if not train_last_step:
+        active[:, -1] = False
+    return Rollout(states=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), stds=stds_tensor,
+                   active=active, sigmas=sigmas.float(), batch=batch)

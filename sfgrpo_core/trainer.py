@@ -1,0 +1,269 @@
+"""The training loop: rollout -> rewards -> advantages -> update -> log -> checkpoint."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import models, rewards, seeding
+from .advantage import CREDIT_METHODS, Credit
+from .atomic import atomic_write_text
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RESUMABLE_CHANGES, Config, ConfigError, config_differences
+from .credit import zero_variance_fraction
+from .lora import attach_lora, load_lora_state_dict, lora_state_dict, save_lora
+from .models.base import VelocityModel
+from .rollout import PromptBatch, Rollout, StepCallback, choose_prompts, make_prompt_batch, rollout
+from .schedule import flow_sigmas
+from .sde import get_step_function
+from .tracking import MetricsLog, plot_reward_curve
+from .update import UpdateStats, update_policy
+
+
+@dataclass
+class TrainHooks:
+    """Optional callbacks for front ends (the CLI's progress bar, the ComfyUI node's previews and cancel).
+
+    A hook may raise to cancel: the exception propagates and the last checkpoint stays as it was.
+    """
+
+    on_rollout_step: StepCallback | None = None
+    on_iteration: Callable[[dict[str, Any]], None] | None = None
+
+
+@dataclass
+class Session:
+    """Everything one training run holds."""
+
+    config: Config
+    model: VelocityModel
+    reward: rewards.Reward
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    lora_targets: tuple[str, ...]
+    start_iteration: int = 0
+    prompts: tuple[str, ...] = ()
+    eval_prompts: tuple[str, ...] = ()
+    sigmas: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    lora_path: Path
+    records: list[dict[str, Any]]
+    model: VelocityModel
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def prepare(config: Config, *, model: VelocityModel | None = None, resume: bool = False) -> Session:
+    """Build (or take) the model, attach the LoRA, make the optimizer, and restore the latest checkpoint if resuming.
+
+    Raises:
+        ConfigError: resuming without a checkpoint, with changed fields that cannot change, or starting over an
+            existing run.
+    """
+    run_dir = Path(config.train.output_dir)
+    checkpoint_path = latest_checkpoint(run_dir)
+    if resume and checkpoint_path is None:
+        raise ConfigError(f"train.output_dir: {str(run_dir)!r} holds no checkpoint to resume from; drop --resume "
+                          "to start a new run")
+    if not resume and checkpoint_path is not None:
+        raise ConfigError(f"train.output_dir: {str(run_dir)!r} already holds a run; pass --resume to continue it "
+                          "or choose another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model = models.build(config.model.name, path=config.model.path, device=config.model.device,
+                             cache_dir=run_dir)
+    targets = config.lora.target_modules or model.default_lora_targets
+    parameters = attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
+                             seed=seeding.derive_seed(config.train.seed, "lora"))
+    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    session = Session(
+        config=config, model=model, optimizer=optimizer, run_dir=run_dir, lora_targets=tuple(targets),
+        reward=rewards.load(config.train.reward, **config.reward_kwargs),
+        prompts=config.train.prompts or model.default_prompts,
+        eval_prompts=config.train.eval_prompts or model.default_eval_prompts,
+        sigmas=flow_sigmas(config.sampler.steps, config.sampler.shift),
+    )
+    model.encode_prompts(list(session.prompts) + list(session.eval_prompts))  # fail now on a bad prompt
+    if resume:
+        checkpoint = load_checkpoint(checkpoint_path)
+        changed = [name for name in config_differences(checkpoint.config, config) if name not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(f"cannot resume with changed {', '.join(changed)}: the checkpoint was trained with "
+                              "other values; restore them or start a new run in another output_dir")
+        load_lora_state_dict(model.module, checkpoint.lora)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        session.start_iteration = checkpoint.iteration
+    atomic_write_text(run_dir / "config.json", _json(config.to_dict()))
+    return session
+
+
+def collect(session: Session, iteration: int, hooks: TrainHooks) -> Rollout:
+    """Rollout phase: this iteration's prompt groups sampled with the training SDE."""
+    config = session.config
+    group_prompts = choose_prompts(session.prompts, config.train.groups_per_iteration, config.train.seed, iteration)
+    batch: PromptBatch = make_prompt_batch(session.model, group_prompts, config.train.group_size, config.train.seed,
+                                           iteration, device=config.model.device)
+    return rollout(session.model, batch, session.sigmas, _step_function(config), train_last_step=
+                   config.sampler.train_last_step, callback=hooks.on_rollout_step)
+
+
+def _step_function(config: Config):
+    strength = config.sampler.noise_level if config.sampler.sde == "flow_grpo" else config.sampler.eta
+    return get_step_function(config.sampler.sde, strength)
+
+
+def assign_credit(session: Session, recorded: Rollout) -> Credit:
+    """Rewards and advantages phase, by the configured credit method."""
+    method = CREDIT_METHODS[session.config.credit.method]
+    config = session.config
+    return method(session.model, recorded, session.reward, config.credit, config.train.reward_batch_size)
+
+
+def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: int) -> UpdateStats:
+    """Update phase: the clipped GRPO loss over active transitions."""
+    generator = seeding.generator(session.config.train.seed, iteration, "shuffle")
+    return update_policy(session.model, session.optimizer, recorded, assigned.advantages.to(recorded.states.device),
+                         session.config.optim, _step_function(session.config), generator)
+
+
+@torch.no_grad()
+def evaluate(session: Session) -> float:
+    """Mean held-out reward of ODE samples (fixed seeds, so successive evaluations differ only by the policy)."""
+    config = session.config
+    sigmas = flow_sigmas(config.train.eval_steps, config.sampler.shift)
+    batch = make_prompt_batch(session.model, session.eval_prompts, config.train.eval_samples, config.train.seed,
+                              -1, device=config.model.device)
+    # Every eval sample gets its own initial noise: evaluation measures the policy, not one noise draw.
+    noise = torch.randn(batch.initial_noise.shape, generator=seeding.generator(config.train.seed, "eval"))
+    batch = PromptBatch(batch.prompts, batch.group_ids, batch.condition, noise.to(batch.initial_noise.device),
+                        batch.member_seeds)
+    samples = rollout(session.model, batch, sigmas, get_step_function("ode", 0.0)).final
+    scores = torch.cat([rewards.score(session.reward, session.model.decode(samples[i : i + 64]),
+                                      batch.prompts[i : i + 64]) for i in range(0, len(batch.prompts), 64)])
+    return _nanmean(scores)
+
+
+def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assigned: Credit, stats: UpdateStats,
+                      seconds: dict[str, float]) -> dict[str, Any]:
+    """What a user needs to debug RL, for one iteration."""
+    final = assigned.final_rewards
+    finite_final = final[torch.isfinite(final)]
+    record: dict[str, Any] = {
+        "iteration": iteration,
+        "samples_seen": (iteration + 1) * len(recorded.batch.prompts),
+        "reward_mean": _nanmean(final),
+        "reward_std": float(finite_final.std(correction=0)) if finite_final.numel() > 1 else 0.0,
+        "reward_missing": int(torch.isnan(assigned.rewards).sum()),
+        "reward_calls": assigned.reward_calls,
+        "zero_std_ratio": zero_variance_fraction(final, recorded.batch.group_ids),
+        "active_transitions": stats.transitions,
+        "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clip_fraction": stats.clip_fraction,
+        "approx_kl": stats.approx_kl, "kl_penalty": stats.kl_penalty, "grad_norm": stats.grad_norm,
+        "lr": session.optimizer.param_groups[0]["lr"],
+    }
+    if assigned.gains is not None:
+        record["step_reward_mean"] = [_nanmean(assigned.rewards[:, k]) for k in range(assigned.rewards.shape[1])]
+        record["gain_abs_mean"] = [_nanmean(assigned.gains[:, k].abs()) for k in range(assigned.gains.shape[1])]
+    record.update({f"seconds_{phase}": value for phase, value in seconds.items()})
+    return record
+
+
+def train(config: Config, *, model: VelocityModel | None = None, resume: bool = False, progress: bool = False,
+          hooks: TrainHooks | None = None) -> TrainResult:
+    """Run (or resume) training as configured; returns the run folder, the LoRA file, the metrics and the model."""
+    hooks = hooks or TrainHooks()
+    session = prepare(config, model=model, resume=resume)
+    log = MetricsLog(session.run_dir / "metrics.jsonl", resume_iteration=session.start_iteration)
+    elapsed = log.records[-1].get("seconds_elapsed", 0.0) if log.records else 0.0
+    iterations = range(session.start_iteration, config.train.iterations)
+    bar = _progress_bar(iterations, progress)
+    for iteration in bar:
+        timer = PhaseTimer()
+        with timer("eval"):
+            evaluation = evaluate(session) if _eval_due(config, iteration) else None
+        with timer("rollout"):
+            recorded = collect(session, iteration, hooks)
+        with timer("rewards"):
+            assigned = assign_credit(session, recorded)
+        with timer("update"):
+            stats = improve(session, recorded, assigned, iteration)
+        elapsed += sum(timer.seconds.values()) - timer.seconds["eval"]
+        record = iteration_metrics(iteration, session, recorded, assigned, stats, timer.seconds)
+        record["seconds_elapsed"] = elapsed
+        if evaluation is not None:
+            record["eval_reward_mean"] = evaluation
+        log.log(record)
+        if hooks.on_iteration:
+            hooks.on_iteration(record)
+        if progress:
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{stats.approx_kl:.2e}")
+        done = iteration + 1
+        if done % config.train.checkpoint_every == 0 or done == config.train.iterations:
+            save_checkpoint(session.run_dir, done, config, lora_state_dict(session.model.module), session.optimizer,
+                            keep=config.train.keep_checkpoints)
+    if config.train.eval_every and session.start_iteration < config.train.iterations:
+        log.log({"iteration": config.train.iterations, "eval_reward_mean": evaluate(session),
+                 "seconds_elapsed": elapsed})
+    lora_path = save_lora(session.run_dir / "lora.safetensors", session.model.module, rank=config.lora.rank,
+                          alpha=config.lora.alpha, target_modules=session.lora_targets)
+    plot_reward_curve(log.records, session.run_dir / "reward_curve.png",
+                      title=f"{config.credit.method} / {config.sampler.sde}")
+    return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=session.model)
+
+
+def _eval_due(config: Config, iteration: int) -> bool:
+    return config.train.eval_every > 0 and iteration % config.train.eval_every == 0
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _progress_bar(iterations: range, enabled: bool):
+    if not enabled:
+        return _Silent(iterations)
+    from tqdm import tqdm
+
+    return tqdm(iterations, initial=iterations.start, total=iterations.stop, desc="sfgrpo train", unit="it")
+
+
+class _Silent:
+    def __init__(self, iterable: range) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **_: Any) -> None:
+        pass

@@ -1,0 +1,100 @@
+"""The policy update: recompute log-probs of recorded transitions and step the optimizer on the clipped loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import losses
+from .config import OptimConfig
+from .lora import adapter_disabled
+from .models.base import VelocityModel
+from .models.condition import select
+from .rollout import Rollout
+from .sde import SDEStep, StepFunction
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """Averages over the iteration's optimizer steps (weighted by transitions)."""
+
+    loss: float
+    ratio_mean: float
+    clip_fraction: float
+    approx_kl: float
+    kl_penalty: float
+    grad_norm: float
+    transitions: int
+    optimizer_steps: int
+
+
+def recompute_steps(model: VelocityModel, rollout: Rollout, members: torch.Tensor, steps: torch.Tensor,
+                    step_fn: StepFunction) -> SDEStep:
+    """Score the recorded transitions (members[i], steps[i]) under the model's current weights.
+
+    This is the one code path for log-probs during the update and in the diagnostics; gradients flow into the
+    model through the step's mean.
+    """
+    states, sigmas = rollout.states, rollout.sigmas.to(rollout.states.device)
+    x, x_next = states[members, steps], states[members, steps + 1]
+    sigma, sigma_next = sigmas[steps], sigmas[steps + 1]
+    velocity = model.velocity(x, sigma, select(rollout.batch.condition, members))
+    return step_fn(x, velocity, sigma, sigma_next, prev_sample=x_next)
+
+
+def trainable_transitions(rollout: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(members, steps) of the transitions that train: active and with a finite advantage."""
+    keep = rollout.active & torch.isfinite(advantages)
+    members, steps = torch.nonzero(keep, as_tuple=True)
+    return members, steps
+
+
+def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollout: Rollout,
+                  advantages: torch.Tensor, config: OptimConfig, step_fn: StepFunction,
+                  generator: torch.Generator) -> UpdateStats:
+    """One pass over the iteration's transitions in ``config.minibatches`` shuffled minibatches, one optimizer step
+    each, gradients accumulated over micro-batches of ``config.micro_batch_size``.
+
+    Args:
+        advantages: [N, T] constants (NaN = missing/masked).
+        generator: seeds the shuffle (derived from (seed, iteration), so resumed runs shuffle identically).
+    """
+    members, steps = trainable_transitions(rollout, advantages)
+    total = len(members)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if total == 0:
+        return UpdateStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
+    order = torch.randperm(total, generator=generator)
+    sums = dict(loss=0.0, ratio_mean=0.0, clip_fraction=0.0, approx_kl=0.0, kl_penalty=0.0)
+    grad_norms = []
+    for minibatch in torch.tensor_split(order, min(config.minibatches, total)):
+        optimizer.zero_grad(set_to_none=True)
+        micro_size = config.micro_batch_size or len(minibatch)
+        for micro in torch.split(minibatch, micro_size):
+            m, k = members[micro], steps[micro]
+            step = recompute_steps(model, rollout, m, k, step_fn)
+            result = losses.grpo_loss(step.log_prob, rollout.log_probs[m, k].to(step.log_prob.device),
+                                      advantages[m, k].to(step.log_prob.device), clip_range=config.clip_range)
+            loss = result.loss
+            kl_value = 0.0
+            if config.kl_beta > 0:
+                with torch.no_grad(), adapter_disabled(model.module):
+                    reference = recompute_steps(model, rollout, m, k, step_fn)
+                kl = losses.kl_penalty(step.mean, reference.mean, step.std).mean()
+                loss = loss + config.kl_beta * kl
+                kl_value = float(kl.detach())
+            (loss * len(micro) / len(minibatch)).backward()
+            weight = len(micro)
+            sums["loss"] += float(loss.detach()) * weight
+            sums["ratio_mean"] += result.ratio_mean * weight
+            sums["clip_fraction"] += result.clip_fraction * weight
+            sums["approx_kl"] += result.approx_kl * weight
+            sums["kl_penalty"] += kl_value * weight
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    means = {name: value / total for name, value in sums.items()}
+    return UpdateStats(**means, grad_norm=sum(grad_norms) / len(grad_norms), transitions=total,
+                       optimizer_steps=len(grad_norms))

@@ -1,0 +1,72 @@
+"""The console script, and the layout rules: sfgrpo_core never imports comfy and never unpickles."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _sfgrpo(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+def test_train_then_resume_then_diagnose_from_the_command_line(toy_base_path, tmp_path):
+    run = tmp_path / "run"
+    common = ["configs/toy.yaml", "--model.path", str(toy_base_path), "--train.output_dir", str(run)]
+    first = _sfgrpo("train", *common, "--train.iterations", "3", "--train.eval_every", "2")
+    assert first.returncode == 0, first.stderr
+    assert "held-out reward" in first.stdout and (run / "lora.safetensors").is_file()
+    assert "sfgrpo train" in first.stderr  # the progress bar
+    again = _sfgrpo("train", *common, "--train.iterations", "4", "--train.eval_every", "2")
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = _sfgrpo("train", *common, "--train.iterations", "4", "--train.eval_every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    iterations = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == [0, 1, 2, 3, 4]  # four training records and the final evaluation
+    checked = _sfgrpo("diagnose", *common)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count("PASS") == 4
+
+
+def test_config_command_and_flag_errors():
+    shown = _sfgrpo("config", "configs/toy.yaml", "--train.group_size", "4")
+    assert shown.returncode == 0
+    assert yaml.safe_load(shown.stdout)["train"]["group_size"] == 4
+    bad = _sfgrpo("train", "configs/toy.yaml", "--train.group_size", "1")
+    assert bad.returncode == 2 and "train.group_size: must be >= 2" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    typo = _sfgrpo("train", "--sampler.sde", "euler")
+    assert typo.returncode == 2 and "sampler.sde: 'euler' is not one of" in typo.stderr
+
+
+def test_help_shows_field_help():
+    shown = _sfgrpo("train", "--help")
+    assert "--credit.substeps" in shown.stdout and "Tweedie" in shown.stdout
+
+
+def test_core_imports_and_trains_without_comfy():
+    code = (
+        "import sys, pkgutil, importlib, sfgrpo_core\n"
+        "for module in pkgutil.walk_packages(sfgrpo_core.__path__, 'sfgrpo_core.'):\n"
+        "    importlib.import_module(module.name)\n"
+        "assert not any(name == 'comfy' or name.startswith('comfy.') for name in sys.modules), 'comfy imported'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_no_comfy_imports_pickles_or_eval_in_the_core():
+    import re
+
+    forbidden = re.compile(
+        r"^\s*(import|from) comfy|torch\.load\(|import pickle|pickle\.loads?\(|(?<![.\w])(eval|exec)\(", re.MULTILINE
+    )
+    for path in (ROOT / "sfgrpo_core").rglob("*.py"):
+        match = forbidden.search(path.read_text())
+        assert match is None, f"{path.relative_to(ROOT)} contains {match.group(0)!r}"

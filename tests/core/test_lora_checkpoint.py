@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from sfgrpo_core import checkpoint, lora
+from sfgrpo_core.config import Config
+from sfgrpo_core.models.toy import ToyVelocityNet
+
+
+def _net():
+    torch.manual_seed(0)
+    return ToyVelocityNet(hidden=16)
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(5, 2, generator=generator), torch.rand(5, generator=generator), torch.eye(8)[:5]
+
+
+def test_fresh_lora_is_the_base_and_disabling_gives_the_base_back():
+    net = _net()
+    x, sigma, condition = _inputs()
+    base = net(x, sigma, condition)
+    parameters = lora.attach_lora(net, rank=4, alpha=8, target_modules=["input", "output"])
+    assert parameters and all(p.requires_grad for p in parameters)
+    assert not any(p.requires_grad for n, p in net.named_parameters() if "lora_" not in n)
+    torch.testing.assert_close(net(x, sigma, condition), base)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(0.1)
+    assert not torch.allclose(net(x, sigma, condition), base)
+    with lora.adapter_disabled(net):
+        torch.testing.assert_close(net(x, sigma, condition), base)
+    assert all(p.requires_grad for p in parameters)
+
+
+def test_unknown_targets_are_reported():
+    with pytest.raises(ValueError, match="lora.target_modules"):
+        lora.attach_lora(_net(), rank=2, alpha=2, target_modules=["to_q"])
+
+
+def test_save_and_reload_reproduces_outputs(tmp_path):
+    net = _net()
+    parameters = lora.attach_lora(net, rank=4, alpha=8, target_modules=["input", "hidden1"])
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.normal_()
+    path = lora.save_lora(tmp_path / "a.safetensors", net, rank=4, alpha=8, target_modules=["input", "hidden1"])
+    weights, metadata = lora.read_lora(path)
+    assert metadata["rank"] == "4" and json.loads(metadata["target_modules"]) == ["input", "hidden1"]
+    other = _net()
+    lora.attach_lora(other, rank=4, alpha=8, target_modules=["input", "hidden1"], seed=5)
+    lora.load_lora_state_dict(other, weights)
+    x, sigma, condition = _inputs()
+    torch.testing.assert_close(other(x, sigma, condition), net(x, sigma, condition))
+    with pytest.raises(ValueError, match="do not fit"):
+        lora.load_lora_state_dict(other, {"nope.lora_A.weight": torch.zeros(1)})
+
+
+def test_checkpoint_roundtrip_keeps_everything_and_prunes(tmp_path):
+    net = _net()
+    parameters = lora.attach_lora(net, rank=2, alpha=2, target_modules=["output"])
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+    x, sigma, condition = _inputs()
+    for _ in range(2):
+        net(x, sigma, condition).pow(2).mean().backward()
+        optimizer.step()
+    for iteration in (1, 2, 3):
+        checkpoint.save_checkpoint(tmp_path, iteration, Config(), lora.lora_state_dict(net), optimizer, keep=2)
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert folders == ["iter_000002", "iter_000003"]
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    assert latest.name == "iter_000003"
+    expected_random = torch.rand(3)
+    restored = checkpoint.load_checkpoint(latest)
+    torch.testing.assert_close(torch.rand(3), expected_random)  # RNG state restored to the save point
+    assert restored.iteration == 3 and restored.config == Config()
+    fresh = torch.optim.AdamW(parameters, lr=1e-2)
+    fresh.load_state_dict(restored.optimizer_state)
+    for key, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(fresh.state_dict()["state"][key][name], value)
+    assert not any(p.suffix == ".pkl" or p.suffix == ".pt" for p in latest.iterdir())
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    net = _net()
+    parameters = lora.attach_lora(net, rank=2, alpha=2, target_modules=["output"])
+    optimizer = torch.optim.AdamW(parameters)
+    checkpoint.save_checkpoint(tmp_path, 1, Config(), lora.lora_state_dict(net), optimizer)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", crash)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(tmp_path, 2, Config(), lora.lora_state_dict(net), optimizer)
+    assert checkpoint.latest_checkpoint(tmp_path).name == "iter_000001"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["iter_000001"]

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from sfgrpo_core import tweedie
+
+
+def test_estimates_recover_endpoints_of_a_straight_path():
+    generator = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+    velocity = x1 - x0
+    torch.testing.assert_close(tweedie.x0_estimate(xt, velocity, t), x0)
+    torch.testing.assert_close(tweedie.x1_estimate(xt, velocity, t), x1)
+
+
+def test_one_substep_is_the_tweedie_estimate_and_more_substeps_walk_euler():
+    calls = []
+
+    def velocity_fn(x, sigma):
+        calls.append(sigma.clone())
+        return torch.sin(x) + sigma[:, None]
+
+    x = torch.randn(2, 5)
+    sigma = torch.tensor([0.8, 0.3])
+    one = tweedie.complete(velocity_fn, x, sigma, 1)
+    torch.testing.assert_close(one, tweedie.x0_estimate(x, velocity_fn(x, sigma), sigma))
+
+    calls.clear()
+    five = tweedie.complete(velocity_fn, x, sigma, 5)
+    expected = x.clone()
+    for k in range(5):
+        t, s = sigma * (1 - k / 5), sigma * (1 - (k + 1) / 5)
+        expected = expected + (s - t)[:, None] * (torch.sin(expected) + t[:, None])
+    torch.testing.assert_close(five, expected)
+    assert len(calls) == 5
+    torch.testing.assert_close(calls[0], sigma)
+
+
+def test_substeps_must_be_positive():
+    with pytest.raises(ValueError, match="substeps"):
+        tweedie.complete(lambda x, s: x, torch.zeros(1, 2), 0.5, 0)
