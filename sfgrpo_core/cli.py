@@ -50,11 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config (defaults + file + flags) as YAML")
     show.add_argument("config", nargs="?", help="YAML or JSON config file")
     _add_config_flags(show)
+    miniworld = commands.add_parser("miniworld", help="the mini world (a self-made SD3 in miniature)")
+    miniworld_commands = miniworld.add_subparsers(dest="miniworld_command", required=True)
+    build = miniworld_commands.add_parser("build", help="rebuild the mini world's weights and manifest (~25 min on "
+                                                        "2 cores)")
+    build.add_argument("--out", default=None, help="output folder (default: the committed weights folder)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "miniworld":
+        return _miniworld(args)
     try:
         config = _config_from_args(args)
         if args.command == "config":
@@ -80,6 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"held-out reward {evaluations[0]:.4f} -> {evaluations[-1]:.4f}")
     print(f"LoRA: {result.lora_path}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
           f"reward curve: {result.run_dir / 'reward_curve.png'}")
+    return 0
+
+
+def _miniworld(args: argparse.Namespace) -> int:
+    import json
+
+    from .miniworld.build import WEIGHTS_DIR, build
+
+    manifest = build(args.out or WEIGHTS_DIR)
+    summary = {key: manifest[key] for key in ("seconds", "autoencoder", "minigeneval_heldout")}
+    print(json.dumps(summary, indent=2))
     return 0
 
 

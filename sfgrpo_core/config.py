@@ -32,10 +32,14 @@ def option(default: Any, help: str, *, choices: tuple | None = None, minimum: fl
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = option("toy", "Model backend, from sfgrpo_core.models.available(): 'toy' is the 2-D toy world.")
+    name: str = option("toy", "Model backend, from sfgrpo_core.models.available(): 'toy' (the 2-D toy world), "
+                              "'miniworld' (the committed tiny SD3 of shapes) or 'diffusers' (a local SD3/SD3.5/FLUX "
+                              "pipeline folder in model.path).")
     path: str = option("", "Weights for the backend (a file or folder). Empty: the backend's built-in default "
                            "(the toy world pretrains its base model deterministically in seconds).")
     device: str = option("cpu", "Torch device for the model and the SDE math, e.g. 'cpu' or 'cuda'.")
+    options: str = option("{}", "JSON object of backend options, e.g. '{\"dtype\": \"bfloat16\", \"latent_size\": "
+                                "[64, 64]}' for the diffusers backend (see its factory's arguments).")
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,8 @@ class Config:
                 raise ConfigError(f"{name}: expected a {section_type.__name__}, got {type(section).__name__}")
             for spec in dataclasses.fields(section):
                 _check_bounds(f"{name}.{spec.name}", getattr(section, spec.name), spec.metadata)
-        try:
-            options = json.loads(self.train.reward_options)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"train.reward_options: not valid JSON ({error}); "
-                              "write e.g. '{\"quality\": 80}'") from None
-        if not isinstance(options, dict):
-            raise ConfigError("train.reward_options: must be a JSON object such as '{}'")
+        _json_object("train.reward_options", self.train.reward_options)
+        _json_object("model.options", self.model.options)
         if self.sampler.sde == "ode":
             raise ConfigError("sampler.sde: 'ode' has no noise, so it gives no policy gradient; use 'ddim', "
                               "'flow_grpo' or 'cps' for training")
@@ -163,6 +162,10 @@ class Config:
     @property
     def reward_kwargs(self) -> dict[str, Any]:
         return json.loads(self.train.reward_options)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return json.loads(self.model.options)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -174,6 +177,16 @@ class Config:
             section, _, name = key.replace("__", ".").partition(".")
             data.setdefault(section, {})[name] = value
         return config_from_dict(data)
+
+
+def _json_object(path: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error}); write e.g. '{{\"key\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: must be a JSON object such as '{{}}', got {text!r}")
+    return value
 
 
 def _section_to_dict(section: Any) -> dict[str, Any]:
@@ -222,7 +235,7 @@ def coerce(path: str, value: Any, annotation: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
     if annotation is str:
-        if isinstance(value, dict) and path.endswith("_options"):
+        if isinstance(value, dict) and path.endswith("options"):
             return json.dumps(value)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: expected text, got {value!r}")

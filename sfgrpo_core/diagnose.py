@@ -49,7 +49,7 @@ def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: f
     run_dir = Path(config.train.output_dir)
     if model is None:
         model = models.build(config.model.name, path=config.model.path, device=config.model.device,
-                             cache_dir=run_dir if run_dir.is_dir() else None)
+                             cache_dir=run_dir if run_dir.is_dir() else None, **config.model_kwargs)
     targets = config.lora.target_modules or model.default_lora_targets
     attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
                 seed=seeding.derive_seed(config.train.seed, "lora"))

@@ -51,6 +51,8 @@ def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: S
         is_lora = "lora_" in name
         parameter.requires_grad_(is_lora)
         if is_lora:
+            # Adapters train in float32 even on a bf16/fp16 base (peft casts activations to the adapter's dtype).
+            parameter.data = parameter.data.float()
             parameters.append(parameter)
     return parameters
 

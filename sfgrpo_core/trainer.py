@@ -95,7 +95,7 @@ def prepare(config: Config, *, model: VelocityModel | None = None, resume: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
         model = models.build(config.model.name, path=config.model.path, device=config.model.device,
-                             cache_dir=run_dir)
+                             cache_dir=run_dir, **config.model_kwargs)
     targets = config.lora.target_modules or model.default_lora_targets
     parameters = attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
                              seed=seeding.derive_seed(config.train.seed, "lora"))

@@ -1,6 +1,6 @@
 """Model backends behind the VelocityModel protocol."""
 
-from . import toy  # noqa: F401  (registers the 'toy' backend)
+from . import diffusers_backend, toy  # noqa: F401  (register the 'diffusers' and 'toy' backends)
 from .base import VelocityModel, available, build, register_backend
 
 __all__ = ["VelocityModel", "available", "build", "register_backend"]
