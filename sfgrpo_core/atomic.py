@@ -6,8 +6,10 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

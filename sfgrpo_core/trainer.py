@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -230,9 +231,22 @@ def train(config: Config, *, model: VelocityModel | None = None, resume: bool = 
                  "seconds_elapsed": elapsed})
     lora_path = save_lora(session.run_dir / "lora.safetensors", session.model.module, rank=config.lora.rank,
                           alpha=config.lora.alpha, target_modules=session.lora_targets)
+    _export_lora(session.model, lora_path)
     plot_reward_curve(log.records, session.run_dir / "reward_curve.png",
                       title=f"{config.credit.method} / {config.sampler.sde}")
     return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=session.model)
+
+
+def _export_lora(model: VelocityModel, lora_path: Path) -> None:
+    """Also write the LoRA in the formats the backend knows (diffusers, ComfyUI); a failure there must not lose
+    the run, whose peft-format LoRA is already saved."""
+    export = getattr(model, "export_lora", None)
+    if export is None:
+        return
+    try:
+        export(lora_path)
+    except ValueError as error:
+        warnings.warn(f"LoRA export skipped: {error}", stacklevel=2)
 
 
 def _eval_due(config: Config, iteration: int) -> bool:

@@ -80,6 +80,7 @@ def train_autoencoder(steps: int, *, batch_size: int = 32, lr: float = 5e-4, see
         loss = ((reconstruction.float() - images) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if progress is not None:

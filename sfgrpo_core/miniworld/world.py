@@ -52,7 +52,7 @@ def build_mini_world(path: str = "", device: str = "cpu", **_: object) -> Diffus
     return DiffusersFlowModel(
         transformer, vae, encode, vae_scaling_factor=float(vae.config.scaling_factor), vae_shift_factor=0.0,
         latent_channels=LATENT_CHANNELS, latent_size=(LATENT_SIZE, LATENT_SIZE), default_prompts=train_prompts(),
-        default_eval_prompts=heldout_prompt_set(4), device=device)
+        default_eval_prompts=heldout_prompt_set(4), device=device, decode_dtype=torch.bfloat16)
 
 
 register_backend("miniworld", build_mini_world)
