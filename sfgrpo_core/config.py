@@ -56,6 +56,10 @@ class SamplerConfig:
                         maximum=1000)
     shift: float = option(3.0, "SD3 time shift of the sigma grid (3.0 for SD3/SD3.5 at 1024 px).", minimum=0.01,
                           maximum=100.0)
+    min_train_std: float = option(1e-4, "Transitions whose noise std is below this are left out of the loss. 1e-4 "
+                                        "only drops deterministic steps; on few-element samples (the mini world) the "
+                                        "ddim step into the last sigma (std ~0.005) dominates the ratio and "
+                                        "destabilises training, and 0.02 drops it (ours).", minimum=0.0)
     train_last_step: bool = option(False, "Also train the last step (sigma ~0.009 -> 0). Flow-GRPO skips it: its "
                                           "noise is tiny and its log-prob ill-conditioned.")
 

@@ -62,7 +62,8 @@ def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: f
     prompts = choose_prompts(config.train.prompts or model.default_prompts, config.train.groups_per_iteration,
                              config.train.seed, 0)
     batch = make_prompt_batch(model, prompts, config.train.group_size, config.train.seed, 0, config.model.device)
-    recorded = rollout(model, batch, sigmas, step_fn, train_last_step=config.sampler.train_last_step)
+    recorded = rollout(model, batch, sigmas, step_fn, train_last_step=config.sampler.train_last_step,
+                       min_train_std=config.sampler.min_train_std)
     members, steps = torch.nonzero(recorded.active, as_tuple=True)
 
     same_batches = recompute_steps(model, recorded, members, steps, step_fn)

@@ -11,7 +11,7 @@ import torch
 from . import seeding
 from .models.base import VelocityModel
 from .models.condition import Condition, select
-from .sde import StepFunction, trainable_mask
+from .sde import MIN_TRAINABLE_STD, StepFunction, trainable_mask
 from .tweedie import x0_estimate
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -84,7 +84,8 @@ def make_prompt_batch(model: VelocityModel, group_prompts: Sequence[str], group_
 
 @torch.no_grad()
 def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step_fn: StepFunction, *,
-            train_last_step: bool = False, callback: StepCallback | None = None) -> Rollout:
+            train_last_step: bool = False, min_train_std: float = MIN_TRAINABLE_STD,
+            callback: StepCallback | None = None) -> Rollout:
     """Sample every member with ``step_fn`` and record the trajectory, log-probs and stds.
 
     Each member's step noise comes from its own generator, so a member's trajectory does not depend on which
@@ -106,7 +107,7 @@ def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step
         log_probs.append(step.log_prob)
         stds.append(step.std)
     stds_tensor = torch.stack(stds, dim=1)
-    active = trainable_mask(stds_tensor)
+    active = trainable_mask(stds_tensor) & (stds_tensor >= min_train_std)
     if not train_last_step:
         active[:, -1] = False
     return Rollout(states=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), stds=stds_tensor,

@@ -128,8 +128,9 @@ def collect(session: Session, iteration: int, hooks: TrainHooks) -> Rollout:
     group_prompts = choose_prompts(session.prompts, config.train.groups_per_iteration, config.train.seed, iteration)
     batch: PromptBatch = make_prompt_batch(session.model, group_prompts, config.train.group_size, config.train.seed,
                                            iteration, device=config.model.device)
-    return rollout(session.model, batch, session.sigmas, _step_function(config), train_last_step=
-                   config.sampler.train_last_step, callback=hooks.on_rollout_step)
+    return rollout(session.model, batch, session.sigmas, _step_function(config),
+                   train_last_step=config.sampler.train_last_step, min_train_std=config.sampler.min_train_std,
+                   callback=hooks.on_rollout_step)
 
 
 def _step_function(config: Config):
