@@ -80,10 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "diagnose":
             from .diagnose import diagnose
 
-            results = diagnose(config)
-            for result in results:
-                print(result.line())
-            return 0 if all(result.passed for result in results) else 1
+            checks = diagnose(config)
+            for check in checks:
+                print(check.line())
+            return 0 if all(check.passed for check in checks) else 1
         from .trainer import train
 
         result = train(config, resume=args.resume, progress=True)

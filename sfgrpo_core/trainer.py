@@ -109,7 +109,7 @@ def prepare(config: Config, *, model: VelocityModel | None = None, resume: bool 
         sigmas=flow_sigmas(config.sampler.steps, config.sampler.shift),
     )
     model.encode_prompts(list(session.prompts) + list(session.eval_prompts))  # fail now on a bad prompt
-    if resume:
+    if resume and checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)
         changed = [name for name in config_differences(checkpoint.config, config) if name not in RESUMABLE_CHANGES]
         if changed:
@@ -234,7 +234,7 @@ def train(config: Config, *, model: VelocityModel | None = None, resume: bool = 
                           alpha=config.lora.alpha, target_modules=session.lora_targets)
     _export_lora(session.model, lora_path)
     plot_reward_curve(log.records, session.run_dir / "reward_curve.png",
-                      title=f"{config.credit.method} / {config.sampler.sde}")
+                      title=f"credit: {config.credit.method}, sde: {config.sampler.sde}")
     return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=session.model)
 
 
