@@ -1,10 +1,9 @@
 """ComfyUI entry point of the Stepwise-Flow-GRPO node pack.
 
-Cheap to import: the nodes (and torch-heavy modules) load inside ComfyUI only. The training library is
+Cheap to import: only the node table and the light sampler math load here. The training library is
 ``sfgrpo_core`` and runs without ComfyUI.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

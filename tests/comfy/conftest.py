@@ -24,3 +24,78 @@ def comfy_server(comfyui, tmp_path_factory):
     """A headless ComfyUI on CPU with this pack loaded, shared by the session (~6 s to start)."""
     with ComfyServer(tmp_path_factory.mktemp("comfy_server"), comfyui=comfyui) as server:
         yield server
+
+
+class _FakeServer:
+    """The few PromptServer attributes PromptExecutor uses; records every message it is sent."""
+
+    def __init__(self):
+        self.client_id = "tests"
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class ComfyEngine:
+    """ComfyUI's execution engine in this process: validate and run API-format prompts, no HTTP."""
+
+    def __init__(self, nodes_module, execution_module):
+        self.nodes, self.execution = nodes_module, execution_module
+
+    def run(self, prompt: dict) -> _FakeServer:
+        """Validate and execute ``prompt`` with a fresh executor (nothing cached); the server holds the messages.
+
+        Raises:
+            AssertionError: when validation fails (with ComfyUI's node errors).
+        """
+        import asyncio
+        import uuid
+
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
+        assert valid, (error, node_errors)
+        server = _FakeServer()
+        executor = self.execution.PromptExecutor(server, cache_type=self.execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+        executor.execute(prompt, prompt_id, {"client_id": server.client_id}, outputs)
+        return server
+
+
+@pytest.fixture(scope="session")
+def comfy_engine(comfyui, tmp_path_factory) -> ComfyEngine:
+    """ComfyUI (CPU) imported in this process with the pack loaded from a custom_nodes symlink named ``sfgrpo``
+    and the committed mini world files registered under "diffusion_models" and "vae"; one per session."""
+    import asyncio
+    import importlib
+    import sys
+
+    from sfgrpo_core.miniworld.build import WEIGHTS_DIR
+
+    root = tmp_path_factory.mktemp("comfy_engine")
+    (root / "custom_nodes").mkdir()
+    (root / "custom_nodes" / "sfgrpo").symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
+    for folder, name in (("diffusion_models", "mini_sd3_transformer.safetensors"), ("vae", "mini_taesd.safetensors")):
+        (root / folder).mkdir()
+        (root / folder / name).symlink_to(Path(WEIGHTS_DIR).resolve() / name)
+    sys.path.insert(0, str(comfyui))
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        importlib.import_module("utils.extra_config")  # ComfyUI's order: before nodes
+        import execution
+        import folder_paths
+
+        import nodes
+    finally:
+        sys.argv = argv
+    for folder in ("diffusion_models", "vae"):
+        folder_paths.add_model_folder_path(folder, str(root / folder))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(str(root / "custom_nodes" / "sfgrpo"))):
+        pytest.fail("the sfgrpo pack failed to load in ComfyUI", pytrace=False)
+    return ComfyEngine(nodes, execution)

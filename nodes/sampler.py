@@ -1,0 +1,168 @@
+"""The Stepwise-Flow-GRPO samplers as a ComfyUI SAMPLER and as names in the stock KSampler's list.
+
+Every step calls the trainer's own step function (``sfgrpo_core.sde.get_step_function``), so an image sampled in
+ComfyUI follows exactly the policy the trainer optimises. ComfyUI is imported only inside ComfyUI-specific code:
+this module (and the pack) import without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sfgrpo_core.sde import SDE_NAMES, get_step_function
+from ..sfgrpo_core.seeding import derive_seed
+
+CATEGORY = "Stepwise-Flow-GRPO/sampling"
+
+# KSampler list name -> (sde, strength): the trainer's defaults (config.py: eta = noise_level = 0.7).
+KSAMPLER_SDES = {
+    "sfgrpo_ddim_sde": ("ddim", 0.7),
+    "sfgrpo_flow_sde": ("flow_grpo", 0.7),
+    "sfgrpo_cps_sde": ("cps", 0.7),
+}
+
+STRENGTH_TOOLTIP = (
+    "Noise strength of the SDE: eta for ddim and cps (0..1), the noise level a for flow_grpo; ignored by ode. "
+    "0 gives the deterministic Euler (ODE) sampler. ddim is a few-step sampler (the paper uses ~10 steps): "
+    "its noise std is eta * s * sqrt(1 - t) per step, so with many steps the samples become under-dispersed."
+)
+
+
+def model_sampling_of(model) -> object | None:
+    """The ``model_sampling`` object behind a ComfyUI sampler model (KSamplerX0Inpaint -> guider -> BaseModel)."""
+    while model is not None:
+        sampling = getattr(model, "model_sampling", None)
+        if sampling is not None:
+            return sampling
+        model = getattr(model, "inner_model", None)
+    return None
+
+
+def require_flow_model(model) -> None:
+    """Raise ValueError unless ``model`` predicts a rectified-flow velocity (ComfyUI's CONST model sampling)."""
+    import comfy.model_sampling
+
+    sampling = model_sampling_of(model)
+    if not isinstance(sampling, comfy.model_sampling.CONST):
+        raise ValueError(f"the Stepwise-Flow-GRPO sampler needs a flow-matching model (SD3/SD3.5, FLUX, ...); this "
+                         f"model's sampling is {type(sampling).__name__}, not rectified flow (CONST)")
+
+
+def step_generators(seed: int | None, batch_size: int) -> list[torch.Generator]:
+    """One CPU generator per batch element, seeded by ``derive_seed(seed, index, "steps")`` (seed None -> 0).
+
+    A sample's step noise depends only on (seed, its index), as a trainer member's depends only on its seed.
+    """
+    return [torch.Generator().manual_seed(derive_seed(seed or 0, index, "steps")) for index in range(batch_size)]
+
+
+def draw_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise [B, ...] shaped like ``like``, row b from ``generators[b]``, on ``like``'s device."""
+    rows = [torch.randn(like.shape[1:], generator=generator) for generator in generators]
+    return torch.stack(rows).to(like.device)
+
+
+@torch.no_grad()
+def sample_sfgrpo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
+                  disable: bool | None = None, sde: str = "ddim", strength: float = 0.7) -> torch.Tensor:
+    """k-diffusion style sampler: ``sde`` steps of sfgrpo_core from sigmas[0] to sigmas[-1].
+
+    Args:
+        model: ComfyUI's denoiser, model(x, sigma [B], **extra_args) -> denoised x0 [B, C, H, W].
+        x: the noised start latent [B, C, H, W] at sigmas[0]; sigmas: [T + 1] decreasing, in [0, 1].
+        extra_args: passed to the model; its "seed" seeds the step noise (see ``step_generators``).
+        callback: called every step with {"x", "i", "sigma", "sigma_hat", "denoised"}.
+        disable: unused (progress comes through ``callback``).
+        sde, strength: as ``get_step_function``.
+
+    Returns:
+        The sample at sigmas[-1], dtype of ``x``. A step to sigma 0 lands on the denoised estimate (Euler step).
+
+    Raises:
+        ValueError: for a model that is not a flow-matching one, or an unknown ``sde``.
+    """
+    import comfy.model_management
+
+    extra_args = {} if extra_args is None else extra_args
+    require_flow_model(model)
+    step = get_step_function(sde, strength)
+    generators = step_generators(extra_args.get("seed"), x.shape[0])
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * ones, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        if sigma_next == 0:
+            x = denoised
+            continue
+        velocity = (x - denoised) / sigma
+        x = step(x, velocity, sigma, sigma_next, noise=draw_noise(generators, x)).prev_sample.to(x.dtype)
+    return x
+
+
+def make_sampler(sde: str, strength: float):
+    """A ComfyUI SAMPLER (comfy.samplers.KSAMPLER) running ``sample_sfgrpo`` with ``sde`` and ``strength``."""
+    import comfy.samplers
+
+    get_step_function(sde, strength)  # fail fast on an unknown sde, when the node runs rather than when it samples
+    return comfy.samplers.KSAMPLER(sample_sfgrpo, {"sde": sde, "strength": strength})
+
+
+def _ksampler_function(sde: str, strength: float):
+    """``sample_sfgrpo`` with its sde and strength bound, for a name in the stock KSampler's list."""
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return sample_sfgrpo(model, x, sigmas, extra_args, callback, disable, sde=sde, strength=strength)
+
+    sample.__doc__ = f"sfgrpo {sde} SDE, strength {strength} (see sample_sfgrpo)."
+    return sample
+
+
+def register_ksampler_names() -> None:
+    """Add ``KSAMPLER_SDES`` to the stock KSampler / KSamplerSelect lists, once; nothing outside ComfyUI."""
+    try:
+        import comfy.k_diffusion.sampling
+        import comfy.samplers
+    except ImportError:
+        return
+    for name, (sde, strength) in KSAMPLER_SDES.items():
+        setattr(comfy.k_diffusion.sampling, f"sample_{name}", _ksampler_function(sde, strength))
+        # 0.3.75: SAMPLER_NAMES (KSampler.SAMPLERS, KSamplerSelect) is a copy of KSAMPLER_NAMES plus ddim/uni_pc.
+        for names in (comfy.samplers.KSampler.SAMPLERS, comfy.samplers.SAMPLER_NAMES, comfy.samplers.KSAMPLER_NAMES):
+            if name not in names:
+                names.append(name)
+
+
+class SFGRPOSampler:
+    """SAMPLER of the Stepwise-Flow-GRPO SDEs, for SamplerCustom / SamplerCustomAdvanced."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("The sampler; connect it to SamplerCustom or SamplerCustomAdvanced.",)
+    FUNCTION = "get_sampler"
+    DESCRIPTION = ("Samples a flow-matching model (SD3/SD3.5, FLUX) with the same SDE step the Stepwise-Flow-GRPO "
+                   "trainer uses. Step noise is seeded by the sampler's seed (deterministic).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        """ComfyUI V1 schema: the SDE and its strength."""
+        return {"required": {
+            "sde": (list(SDE_NAMES), {"default": "ddim", "tooltip": (
+                "ddim: the paper's DDIM-inspired SDE (few steps); flow_grpo: Flow-GRPO's SDE; cps: coefficient-"
+                "preserving sampling; ode: deterministic Euler.")}),
+            "strength": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01,
+                                   "tooltip": STRENGTH_TOOLTIP}),
+        }}
+
+    def get_sampler(self, sde: str, strength: float):
+        """(SAMPLER,) for the chosen SDE."""
+        return (make_sampler(sde, strength),)
+
+
+register_ksampler_names()
+
+NODE_CLASS_MAPPINGS = {"SFGRPOSampler": SFGRPOSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"SFGRPOSampler": "Stepwise-Flow-GRPO Sampler"}
