@@ -85,7 +85,7 @@ def train_autoencoder(steps: int, *, batch_size: int = 32, lr: float = 5e-4, see
         schedule.step()
         if progress is not None:
             progress(step, float(loss.detach()))
-    vae = vae.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
+    vae = vae.train(False).requires_grad_(False).to(memory_format=torch.contiguous_format)
     heldout = scene_batch(range(10**9, 10**9 + 256), split="heldout")
     with torch.no_grad():
         latents = vae.encoder(heldout)

@@ -107,8 +107,8 @@ def train_denoiser(data: LatentDataset, steps: int, *, layers: int = 4, batch_si
         loss_value = float(loss.detach())
         if progress is not None:
             progress(step, loss_value)
-    transformer.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+    transformer.train(False).requires_grad_(False)
+    text_encoder.train(False).requires_grad_(False)
     return transformer, text_encoder, DenoiserReport(steps, time.perf_counter() - start, loss_value)
 
 

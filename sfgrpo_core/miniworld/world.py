@@ -36,7 +36,7 @@ def load_components(weights_dir: str | Path = WEIGHTS_DIR):
     text_encoder.load_state_dict(load_file(str(weights_dir / TEXT_ENCODER_FILE)))
     vae = AutoencoderTiny.from_pretrained(str(weights_dir / VAE_DIFFUSERS_DIR), torch_dtype=torch.float32)
     for module in (transformer, text_encoder, vae):
-        module.eval().requires_grad_(False)
+        module.train(False).requires_grad_(False)
     return transformer, text_encoder, vae
 
 

@@ -280,7 +280,7 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
     module.to(device)
     if any(parameter.dtype != dtype for parameter in module.parameters()):
         module.to(dtype)
-    return module.eval().requires_grad_(False)
+    return module.train(False).requires_grad_(False)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:

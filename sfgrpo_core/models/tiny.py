@@ -45,7 +45,7 @@ def tiny_sd3_transformer(seed: int = 0, **config: Any):
     settings.update(config)
     if "caption_projection_dim" not in config:
         settings["caption_projection_dim"] = settings["num_attention_heads"] * settings["attention_head_dim"]
-    return seeded(seed, lambda: SD3Transformer2DModel(**settings)).eval()
+    return seeded(seed, lambda: SD3Transformer2DModel(**settings)).train(False)
 
 
 def tiny_flux_transformer(seed: int = 0, **config: Any):
@@ -57,7 +57,7 @@ def tiny_flux_transformer(seed: int = 0, **config: Any):
                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=JOINT_ATTENTION_DIM,
                     pooled_projection_dim=POOLED_PROJECTION_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
     settings.update(config)
-    return seeded(seed, lambda: FluxTransformer2DModel(**settings)).eval()
+    return seeded(seed, lambda: FluxTransformer2DModel(**settings)).train(False)
 
 
 def tiny_vae(seed: int = 0):
@@ -68,7 +68,7 @@ def tiny_vae(seed: int = 0):
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16), layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8,
         sample_size=16, scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR, use_quant_conv=False,
-        use_post_quant_conv=False)).eval()
+        use_post_quant_conv=False)).train(False)
 
 
 def tiny_clip_tokenizer():
@@ -104,7 +104,7 @@ def tiny_clip_text_encoder(seed: int, *, hidden_size: int, projection_dim: int |
                             max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=projection_dim or hidden_size,
                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
     model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
-    return seeded(seed, lambda: model_class(config)).eval()
+    return seeded(seed, lambda: model_class(config)).train(False)
 
 
 def tiny_t5_encoder(seed: int, *, d_model: int = JOINT_ATTENTION_DIM):
@@ -113,7 +113,7 @@ def tiny_t5_encoder(seed: int, *, d_model: int = JOINT_ATTENTION_DIM):
 
     config = T5Config(vocab_size=len(tiny_t5_tokenizer()), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
                       num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
-    return seeded(seed, lambda: T5EncoderModel(config)).eval()
+    return seeded(seed, lambda: T5EncoderModel(config)).train(False)
 
 
 def tiny_sd3_pipeline(seed: int = 0):

@@ -91,7 +91,7 @@ def _pretrain(steps: int, batch_size: int, seed: int) -> ToyVelocityNet:
         loss.backward()
         optimizer.step()
         schedule.step()
-    return net.eval().requires_grad_(False)
+    return net.train(False).requires_grad_(False)
 
 
 class ToyWorld:
@@ -103,7 +103,7 @@ class ToyWorld:
     default_eval_prompts = ("mode 0", "mode 3")
 
     def __init__(self, net: ToyVelocityNet, device: str = "cpu"):
-        self.module = net.to(device).eval()
+        self.module = net.to(device).train(False)
         self.device = torch.device(device)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def build_toy_world(path: str = "", device: str = "cpu", cache_dir: str | Path |
     source = Path(path) if path else cached
     if source is not None and source.is_file():
         net.load_state_dict(load_file(str(source)))
-        net.eval().requires_grad_(False)
+        net.train(False).requires_grad_(False)
     elif path:
         raise ValueError(f"model.path: {path!r} does not exist")
     else:
