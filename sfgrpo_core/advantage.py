@@ -41,7 +41,7 @@ class Credit:
         return self.rewards[:, -1]
 
 
-def _score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torch.Tensor, prompts: list[str],
+def score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torch.Tensor, prompts: list[str],
                       batch_size: int) -> torch.Tensor:
     """Decode clean samples exactly as final images are decoded, and score them, ``batch_size`` at a time."""
     scores = [rewards.score(reward, model.decode(samples[start : start + batch_size]),
@@ -77,7 +77,7 @@ def intermediate_rewards(model: VelocityModel, rollout: Rollout, reward: rewards
         completions.append(tweedie.complete(velocity_fn, states[member, k], sigmas[k].to(states.device), substeps))
     clean = torch.cat([torch.cat(completions), rollout.final])
     prompts = [batch.prompts[i] for i in members.tolist()] + list(batch.prompts)
-    scores = _score_in_batches(model, reward, clean, prompts, batch_size)
+    scores = score_in_batches(model, reward, clean, prompts, batch_size)
     result = torch.full((count, steps + 1), float("nan"))
     first_scores = scores[: len(first_members)]
     result[:, 0] = first_scores[torch.searchsorted(torch.unique(group_ids), group_ids)]
@@ -103,7 +103,7 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
 def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
                      batch_size: int) -> Credit:
     """Flow-GRPO: the final reward's group-relative advantage, the same for every step of a trajectory."""
-    final = _score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_size)
+    final = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_size)
     per_trajectory = credit.flow_grpo_advantages(final, rollout.batch.group_ids, std_scope=config.std_scope,
                                                  eps=config.std_eps, clip=config.advantage_clip)
     advantages = per_trajectory[:, None].expand(-1, rollout.log_probs.shape[1]).clone()

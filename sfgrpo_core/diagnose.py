@@ -23,6 +23,7 @@ from .models.base import VelocityModel
 from .rollout import choose_prompts, make_prompt_batch, rollout
 from .schedule import flow_sigmas
 from .sde import get_step_function
+from .trainer import step_function_for
 from .update import recompute_steps
 
 
@@ -39,10 +40,6 @@ class CheckResult:
         return f"{status}  {self.name:<18} {self.value:.3e} (threshold {self.threshold:.0e})  {self.detail}"
 
 
-def _strength(config: Config) -> float:
-    return config.sampler.noise_level if config.sampler.sde == "flow_grpo" else config.sampler.eta
-
-
 @torch.no_grad()
 def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: float = 1e-4) -> list[CheckResult]:
     """Run the checks on the configured model (with the run's latest LoRA, if the run folder holds one)."""
@@ -57,7 +54,7 @@ def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: f
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         load_lora_state_dict(model.module, load_checkpoint(checkpoint).lora)
-    step_fn = get_step_function(config.sampler.sde, _strength(config))
+    step_fn = step_function_for(config)
     sigmas = flow_sigmas(config.sampler.steps, config.sampler.shift)
     prompts = choose_prompts(config.train.prompts or model.default_prompts, config.train.groups_per_iteration,
                              config.train.seed, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from . import models, rewards, seeding
-from .advantage import CREDIT_METHODS, Credit
+from .advantage import CREDIT_METHODS, Credit, score_in_batches
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUMABLE_CHANGES, Config, ConfigError, config_differences
@@ -128,12 +129,13 @@ def collect(session: Session, iteration: int, hooks: TrainHooks) -> Rollout:
     group_prompts = choose_prompts(session.prompts, config.train.groups_per_iteration, config.train.seed, iteration)
     batch: PromptBatch = make_prompt_batch(session.model, group_prompts, config.train.group_size, config.train.seed,
                                            iteration, device=config.model.device)
-    return rollout(session.model, batch, session.sigmas, _step_function(config),
+    return rollout(session.model, batch, session.sigmas, step_function_for(config),
                    train_last_step=config.sampler.train_last_step, min_train_std=config.sampler.min_train_std,
                    callback=hooks.on_rollout_step)
 
 
-def _step_function(config: Config):
+def step_function_for(config: Config):
+    """The configured sampler with its strength bound (noise_level for flow_grpo, eta otherwise)."""
     strength = config.sampler.noise_level if config.sampler.sde == "flow_grpo" else config.sampler.eta
     return get_step_function(config.sampler.sde, strength)
 
@@ -149,7 +151,7 @@ def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: in
     """Update phase: the clipped GRPO loss over active transitions."""
     generator = seeding.generator(session.config.train.seed, iteration, "shuffle")
     return update_policy(session.model, session.optimizer, recorded, assigned.advantages.to(recorded.states.device),
-                         session.config.optim, _step_function(session.config), generator)
+                         session.config.optim, step_function_for(session.config), generator)
 
 
 @torch.no_grad()
@@ -164,8 +166,8 @@ def evaluate(session: Session) -> float:
     batch = PromptBatch(batch.prompts, batch.group_ids, batch.condition, noise.to(batch.initial_noise.device),
                         batch.member_seeds)
     samples = rollout(session.model, batch, sigmas, get_step_function("ode", 0.0)).final
-    scores = torch.cat([rewards.score(session.reward, session.model.decode(samples[i : i + 64]),
-                                      batch.prompts[i : i + 64]) for i in range(0, len(batch.prompts), 64)])
+    scores = score_in_batches(session.model, session.reward, samples, list(batch.prompts),
+                              config.train.reward_batch_size)
     return _nanmean(scores)
 
 
@@ -260,8 +262,6 @@ def _nanmean(values: torch.Tensor) -> float:
 
 
 def _json(data: Any) -> str:
-    import json
-
     return json.dumps(data, indent=2) + "\n"
 
 
