@@ -1,12 +1,15 @@
 """ComfyUI entry point of the Stepwise-Flow-GRPO node pack.
 
-Cheap to import: only the node table and the light sampler math load here. The training library is
-``sfgrpo_core`` and runs without ComfyUI.
+The nodes load only inside ComfyUI (they are built on its comfy_api). Imported anywhere else, for example by
+pytest setting up the repository folder, the node table is empty; the training library is ``sfgrpo_core`` and runs
+without ComfyUI.
 """
 
-if __package__:
+import importlib.util
+
+if __package__ and importlib.util.find_spec("comfy_api") is not None:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-else:  # imported as a plain file, e.g. by pytest setting up the repository folder: there is no pack to load
+else:
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

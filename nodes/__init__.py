@@ -1,9 +1,9 @@
-"""ComfyUI nodes: a thin adapter over sfgrpo_core. One table of node id -> class -> display name."""
+"""ComfyUI nodes: a thin adapter over sfgrpo_core. Every module lists its V3 node classes in NODES."""
 
-from .sampler import NODE_CLASS_MAPPINGS as _SAMPLER_NODES
-from .sampler import NODE_DISPLAY_NAME_MAPPINGS as _SAMPLER_NAMES
+from . import preview, prompts, rewards, sampler, train
 
-NODE_CLASS_MAPPINGS = {**_SAMPLER_NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {**_SAMPLER_NAMES}
+NODES = [*sampler.NODES, *prompts.NODES, *rewards.NODES, *preview.NODES, *train.NODES]
+NODE_CLASS_MAPPINGS = {node.define_schema().node_id: node for node in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node.define_schema().node_id: node.define_schema().display_name for node in NODES}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

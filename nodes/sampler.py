@@ -1,18 +1,19 @@
 """The Stepwise-Flow-GRPO samplers as a ComfyUI SAMPLER and as names in the stock KSampler's list.
 
 Every step calls the trainer's own step function (``sfgrpo_core.sde.get_step_function``), so an image sampled in
-ComfyUI follows exactly the policy the trainer optimises. ComfyUI is imported only inside ComfyUI-specific code:
-this module (and the pack) import without it.
+ComfyUI follows exactly the policy the trainer optimises. Imported only inside ComfyUI (it needs comfy_api).
 """
 
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 
 from ..sfgrpo_core.sde import SDE_NAMES, get_step_function
 from ..sfgrpo_core.seeding import derive_seed
+from .types import CATEGORY as PACK_CATEGORY
 
-CATEGORY = "Stepwise-Flow-GRPO/sampling"
+CATEGORY = f"{PACK_CATEGORY}/sampling"
 
 # KSampler list name -> (sde, strength): the trainer's defaults (config.py: eta = noise_level = 0.7).
 KSAMPLER_SDES = {
@@ -135,34 +136,30 @@ def register_ksampler_names() -> None:
                 names.append(name)
 
 
-class SFGRPOSampler:
+class SFGRPOSampler(io.ComfyNode):
     """SAMPLER of the Stepwise-Flow-GRPO SDEs, for SamplerCustom / SamplerCustomAdvanced."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
-    RETURN_NAMES = ("sampler",)
-    OUTPUT_TOOLTIPS = ("The sampler; connect it to SamplerCustom or SamplerCustomAdvanced.",)
-    FUNCTION = "get_sampler"
-    DESCRIPTION = ("Samples a flow-matching model (SD3/SD3.5, FLUX) with the same SDE step the Stepwise-Flow-GRPO "
-                   "trainer uses. Step noise is seeded by the sampler's seed (deterministic).")
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SFGRPOSampler", display_name="Stepwise-Flow-GRPO Sampler", category=CATEGORY,
+            description="Samples a flow-matching model (SD3/SD3.5, FLUX) with the same SDE step the Stepwise-Flow-"
+                        "GRPO trainer uses. Step noise is seeded by the sampler's seed (deterministic).",
+            inputs=[
+                io.Combo.Input("sde", options=list(SDE_NAMES), default="ddim", tooltip=(
+                    "ddim: the paper's DDIM-inspired SDE (few steps); flow_grpo: Flow-GRPO's SDE; cps: coefficient-"
+                    "preserving sampling; ode: deterministic Euler.")),
+                io.Float.Input("strength", default=0.7, min=0.0, max=1.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
+            ],
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="The sampler; connect it to SamplerCustom or SamplerCustomAdvanced.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        """ComfyUI V1 schema: the SDE and its strength."""
-        return {"required": {
-            "sde": (list(SDE_NAMES), {"default": "ddim", "tooltip": (
-                "ddim: the paper's DDIM-inspired SDE (few steps); flow_grpo: Flow-GRPO's SDE; cps: coefficient-"
-                "preserving sampling; ode: deterministic Euler.")}),
-            "strength": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01,
-                                   "tooltip": STRENGTH_TOOLTIP}),
-        }}
-
-    def get_sampler(self, sde: str, strength: float):
-        """(SAMPLER,) for the chosen SDE."""
-        return (make_sampler(sde, strength),)
+    def execute(cls, sde: str, strength: float) -> io.NodeOutput:
+        return io.NodeOutput(make_sampler(sde, strength))
 
 
 register_ksampler_names()
 
-NODE_CLASS_MAPPINGS = {"SFGRPOSampler": SFGRPOSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"SFGRPOSampler": "Stepwise-Flow-GRPO Sampler"}
+NODES = [SFGRPOSampler]

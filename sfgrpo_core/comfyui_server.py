@@ -24,6 +24,7 @@ import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -265,10 +266,13 @@ class ComfyServer:
         link = custom_nodes / PACK_NAME
         if not link.is_symlink():
             link.symlink_to(self.pack_root, target_is_directory=True)
-        paths: dict[str, str] = {"custom_nodes": str(custom_nodes)}
+        # is_default puts these folders before ComfyUI's own models/ tree, so what nodes write into a model folder
+        # (the trainer's LoRA) lands in run_dir. Each path is inserted at the front in turn: models/<kind> goes last
+        # so that it ends up first.
+        paths: dict[str, Any] = {"is_default": True, "custom_nodes": str(custom_nodes)}
         for kind in sorted(set(MODEL_FOLDERS) | set(self.extra_model_paths)):
             (self.models_dir / kind).mkdir(parents=True, exist_ok=True)
-            folders = [self.models_dir / kind, *self.extra_model_paths.get(kind, [])]
+            folders = [*self.extra_model_paths.get(kind, []), self.models_dir / kind]
             paths[kind] = "\n".join(str(Path(folder).resolve()) for folder in folders)
         config = self.run_dir / "extra_model_paths.yaml"
         config.write_text(yaml.safe_dump({PACK_NAME: paths}, sort_keys=False))

@@ -76,6 +76,21 @@ def adapter_disabled(module: nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
+def detach_lora(module: nn.Module) -> None:
+    """Remove every adapter ``attach_lora`` injected, putting each wrapped layer's base layer back in place.
+
+    For front ends that train a model they do not own (ComfyUI's MODEL): the module is left as it was before
+    ``attach_lora``, its base weights untouched.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, layer) for name, layer in module.named_modules() if isinstance(layer, BaseTunerLayer)]
+    for name, layer in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, layer.get_base_layer())
+
+
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights in peft's key format ('<module>.lora_A.weight', ...)."""
     from peft import get_peft_model_state_dict

@@ -79,8 +79,10 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def prepare(config: Config, *, model: VelocityModel | None = None, resume: bool = False) -> Session:
-    """Build (or take) the model, attach the LoRA, make the optimizer, and restore the latest checkpoint if resuming.
+def prepare(config: Config, *, model: VelocityModel | None = None, reward: rewards.Reward | None = None,
+            resume: bool = False) -> Session:
+    """Build (or take) the model and reward, attach the LoRA, make the optimizer, and restore the latest checkpoint
+    if resuming. A given ``reward`` replaces the one config.train.reward names (front ends that loaded it already).
 
     Raises:
         ConfigError: resuming without a checkpoint, with changed fields that cannot change, or starting over an
@@ -104,7 +106,7 @@ def prepare(config: Config, *, model: VelocityModel | None = None, resume: bool 
     optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     session = Session(
         config=config, model=model, optimizer=optimizer, run_dir=run_dir, lora_targets=tuple(targets),
-        reward=rewards.load(config.train.reward, **config.reward_kwargs),
+        reward=reward if reward is not None else rewards.load(config.train.reward, **config.reward_kwargs),
         prompts=config.train.prompts or model.default_prompts,
         eval_prompts=config.train.eval_prompts or model.default_eval_prompts,
         sigmas=flow_sigmas(config.sampler.steps, config.sampler.shift),
@@ -196,11 +198,11 @@ def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assig
     return record
 
 
-def train(config: Config, *, model: VelocityModel | None = None, resume: bool = False, progress: bool = False,
-          hooks: TrainHooks | None = None) -> TrainResult:
+def train(config: Config, *, model: VelocityModel | None = None, reward: rewards.Reward | None = None,
+          resume: bool = False, progress: bool = False, hooks: TrainHooks | None = None) -> TrainResult:
     """Run (or resume) training as configured; returns the run folder, the LoRA file, the metrics and the model."""
     hooks = hooks or TrainHooks()
-    session = prepare(config, model=model, resume=resume)
+    session = prepare(config, model=model, reward=reward, resume=resume)
     log = MetricsLog(session.run_dir / "metrics.jsonl", resume_iteration=session.start_iteration)
     elapsed = log.records[-1].get("seconds_elapsed", 0.0) if log.records else 0.0
     iterations = range(session.start_iteration, config.train.iterations)

@@ -40,10 +40,11 @@ class _FakeServer:
 
 
 class ComfyEngine:
-    """ComfyUI's execution engine in this process: validate and run API-format prompts, no HTTP."""
+    """ComfyUI's execution engine in this process: validate and run API-format prompts, no HTTP. ``root`` holds its
+    output/, temp/ and loras/ folders."""
 
-    def __init__(self, nodes_module, execution_module):
-        self.nodes, self.execution = nodes_module, execution_module
+    def __init__(self, nodes_module, execution_module, root: Path):
+        self.nodes, self.execution, self.root = nodes_module, execution_module, root
 
     def run(self, prompt: dict) -> _FakeServer:
         """Validate and execute ``prompt`` with a fresh executor (nothing cached); the server holds the messages.
@@ -95,7 +96,13 @@ def comfy_engine(comfyui, tmp_path_factory) -> ComfyEngine:
         sys.argv = argv
     for folder in ("diffusion_models", "vae"):
         folder_paths.add_model_folder_path(folder, str(root / folder))
+    # Everything the nodes write stays in this session's temporary tree, never in the (cached) ComfyUI folder.
+    for folder in ("output", "loras", "temp"):
+        (root / folder).mkdir()
+    folder_paths.set_output_directory(str(root / "output"))
+    folder_paths.set_temp_directory(str(root / "temp"))
+    folder_paths.add_model_folder_path("loras", str(root / "loras"), is_default=True)
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if not asyncio.run(nodes.load_custom_node(str(root / "custom_nodes" / "sfgrpo"))):
         pytest.fail("the sfgrpo pack failed to load in ComfyUI", pytrace=False)
-    return ComfyEngine(nodes, execution)
+    return ComfyEngine(nodes, execution, root)

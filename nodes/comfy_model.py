@@ -1,0 +1,213 @@
+"""A ComfyUI MODEL (+ VAE + prompt conditioning) behind sfgrpo_core's VelocityModel protocol.
+
+The trainer sees latents in the model's own space (ComfyUI's ``process_latent_in`` applied), exactly what ComfyUI's
+samplers integrate; decoding converts back with ``process_latent_out`` and the VAE. The velocity comes from
+ComfyUI's own ``apply_model`` (so model patches and wrappers apply): for rectified flow (CONST model sampling)
+denoised = x - sigma * v, hence v = (x - denoised) / sigma.
+
+LoRA adapters go on the loaded diffusion model in place (peft, through sfgrpo_core.lora) for the length of a
+training run and are removed afterwards (``trainable``); no copy of the base weights is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sfgrpo_core.atomic import atomic_save_safetensors
+from ..sfgrpo_core.lora import detach_lora, read_lora
+from .types import PromptSet
+
+# Attention projections of ComfyUI's own module names (matched as suffixes), per diffusion model class: SD3/SD3.5
+# MMDiT and FLUX; the same layers Flow-GRPO adapts in diffusers' naming.
+LORA_TARGETS = {
+    "OpenAISignatureMMDITWrapper": ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj"),
+    "Flux": ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
+}
+FALLBACK_LORA_TARGETS = ("qkv", "proj", "to_q", "to_k", "to_v", "to_out.0")
+NATIVE_SUFFIXES = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"))
+
+
+def require_flow_patcher(patcher: Any, field: str = "model") -> None:
+    """Raise ValueError naming ``field`` unless the MODEL is a rectified-flow model (CONST model sampling)."""
+    import comfy.model_sampling
+
+    sampling = model_sampling_of(patcher)
+    if not isinstance(sampling, comfy.model_sampling.CONST):
+        raise ValueError(f"{field}: Stepwise-Flow-GRPO trains flow-matching models (SD3/SD3.5, FLUX, ...); this "
+                         f"model's sampling is {type(sampling).__name__}, not rectified flow (CONST). Load a flow "
+                         "model, or remove the ModelSampling node that changed it")
+
+
+def model_sampling_of(patcher: Any) -> Any:
+    """The MODEL's sampling as it will run: with object patches (ModelSamplingSD3, ModelSamplingDiscrete, ...)
+    applied, which ``patcher.model.model_sampling`` only shows once the patcher is loaded."""
+    getter = getattr(patcher, "get_model_object", None)
+    return getter("model_sampling") if getter is not None else None
+
+
+def make_parameters_trainable_safe(module: nn.Module) -> None:
+    """Replace inference-mode parameters and buffers by ordinary tensors with the same values.
+
+    ComfyUI runs every node under torch.inference_mode(), so a model a loader node built has inference tensors,
+    which autograd refuses to save for backward; gradients to LoRA adapters must flow back through those frozen
+    weights. Each tensor is re-materialised once (one tensor at a time, not a second copy of the model).
+    """
+    with torch.inference_mode(False):
+        for owner in module.modules():
+            for name, parameter in list(owner.named_parameters(recurse=False)):
+                if parameter.is_inference():
+                    setattr(owner, name, nn.Parameter(parameter.clone(), requires_grad=parameter.requires_grad))
+            for name, buffer in list(owner.named_buffers(recurse=False)):
+                if buffer is not None and buffer.is_inference():
+                    persistent = name not in owner._non_persistent_buffers_set
+                    owner.register_buffer(name, buffer.clone(), persistent=persistent)
+
+
+def native_lora(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft adapters on ComfyUI's modules -> ComfyUI's native LoRA dict (what the stock SaveLoRA writes and
+    LoraLoaderModelOnly reads): 'diffusion_model.<module>.lora_down.weight' = A [r, in], '.lora_up.weight' = B
+    [out, r], '.alpha' = alpha (ComfyUI scales by alpha / r, as peft does)."""
+    native: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        for peft_suffix, native_suffix in NATIVE_SUFFIXES:
+            if key.endswith(peft_suffix):
+                module = key[: -len(peft_suffix)]
+                native[f"diffusion_model.{module}{native_suffix}"] = tensor.detach().float().contiguous().cpu()
+                native[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
+    return native
+
+
+class ComfyFlowModel:
+    """VelocityModel over a ComfyUI ModelPatcher, a ComfyUI VAE and encoded prompts.
+
+    Args:
+        patcher: the MODEL (a ModelPatcher of a flow model); loaded onto its device here.
+        vae: the VAE that decodes its latents (ComfyUI's VAE object).
+        prompts: every prompt the run may use (train and evaluation) with its conditioning.
+        width, height: image size in pixels (multiples of 16); the latent is 1/8 of it.
+        lora_alpha: alpha of the adapters, for the native export.
+    """
+
+    def __init__(self, patcher: Any, vae: Any, prompts: PromptSet, *, width: int, height: int,
+                 lora_alpha: float = 1.0, default_prompts: Sequence[str] = (),
+                 default_eval_prompts: Sequence[str] = ()):
+        import comfy.model_management
+
+        require_flow_patcher(patcher)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        self.patcher = patcher
+        self.base_model = patcher.model
+        self.module: nn.Module = patcher.model.diffusion_model
+        self.vae = vae
+        self.prompts = prompts
+        self.device = patcher.load_device
+        self.lora_alpha = lora_alpha
+        channels = int(patcher.model.latent_format.latent_channels)
+        self.sample_shape = (channels, height // 8, width // 8)
+        self.default_lora_targets = LORA_TARGETS.get(type(self.module).__name__, FALLBACK_LORA_TARGETS)
+        self.default_prompts = tuple(default_prompts) or prompts.texts
+        self.default_eval_prompts = tuple(default_eval_prompts)
+        self._model_conds: dict[int, dict[str, Any]] = {}
+
+    # --- VelocityModel -------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Rows index into the prompt set; the model conditioning is built per prompt when first needed."""
+        unknown = [text for text in prompts if text not in self.prompts.texts]
+        if unknown:
+            raise ValueError(f"prompts: {unknown[0]!r} was not encoded; connect it through a Prompts node")
+        return {"prompt_index": torch.tensor([self.prompts.texts.index(text) for text in prompts])}
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, condition: dict[str, torch.Tensor]) -> torch.Tensor:
+        """v = (x - denoised) / sigma from ComfyUI's apply_model, rows with the same prompt shapes batched together.
+
+        Checks ComfyUI's interrupt flag first, so Cancel stops training within one model call.
+        """
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        index = condition["prompt_index"].tolist()
+        x = x.to(self.device)
+        sigma = sigma.to(self.device, torch.float32)
+        velocity = torch.empty_like(x, dtype=torch.float32)
+        for rows in self._rows_by_shape(index):
+            conds = self._batched_conds([index[row] for row in rows], x)
+            selected = torch.tensor(rows, device=x.device)
+            denoised = self.base_model.apply_model(x[selected], sigma[selected], **conds).float()
+            velocity[selected] = (x[selected].float() - denoised) / sigma[selected].view(-1, *[1] * (x.dim() - 1))
+        return velocity
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, H, W, 3] of model-space latents, quantized as SaveImage does."""
+        latents = self.base_model.process_latent_out(x.detach().float().cpu())
+        images = self.vae.decode(latents)
+        images = images.reshape(-1, *images.shape[-3:])  # video VAEs add a frame axis
+        return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    # --- export ---------------------------------------------------------------------------------------------------
+    def export_lora(self, lora_path: str | Path) -> Path:
+        """Write the run's LoRA in ComfyUI's native format beside ``lora_path`` (lora_comfyui.safetensors)."""
+        state, _ = read_lora(lora_path)
+        target = Path(lora_path).with_name("lora_comfyui.safetensors")
+        atomic_save_safetensors(native_lora(state, self.lora_alpha), target, {"format": "comfyui-lora"})
+        return target
+
+    # --- conditioning ---------------------------------------------------------------------------------------------
+    def _model_cond(self, prompt: int) -> dict[str, Any]:
+        """ComfyUI's model inputs for one prompt (model.extra_conds, as its samplers build them), cached."""
+        if prompt not in self._model_conds:
+            conditioning = self.prompts.conditionings[prompt]
+            context, extras = conditioning[0][0], dict(conditioning[0][1])
+            noise = torch.zeros(1, *self.sample_shape)
+            with torch.inference_mode(False):
+                conds = self.base_model.extra_conds(cross_attn=context.clone(), device=self.device, noise=noise,
+                                                    **{k: _clone(v) for k, v in extras.items()})
+            self._model_conds[prompt] = {name: cond.cond for name, cond in conds.items()}
+        return self._model_conds[prompt]
+
+    def _rows_by_shape(self, index: list[int]) -> list[list[int]]:
+        """Row groups whose prompts give conditioning tensors of equal shapes (so they stack)."""
+        groups: dict[tuple, list[int]] = {}
+        for row, prompt in enumerate(index):
+            signature = tuple((name, tuple(value.shape) if torch.is_tensor(value) else repr(value))
+                              for name, value in sorted(self._model_cond(prompt).items()))
+            groups.setdefault(signature, []).append(row)
+        return list(groups.values())
+
+    def _batched_conds(self, prompts: list[int], like: torch.Tensor) -> dict[str, Any]:
+        first = self._model_cond(prompts[0])
+        batched: dict[str, Any] = {}
+        for name, value in first.items():
+            if torch.is_tensor(value):
+                rows = [_first_row(self._model_cond(prompt)[name]) for prompt in prompts]
+                batched[name] = torch.cat(rows).to(like.device)
+            else:
+                batched[name] = value
+        return batched
+
+
+def _first_row(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:1] if tensor.dim() > 0 else tensor.reshape(1)
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if torch.is_tensor(value) else value
+
+
+@contextlib.contextmanager
+def trainable(model: ComfyFlowModel) -> Iterator[ComfyFlowModel]:
+    """Training mode for a ComfyUI model: inference mode off, gradients on, ordinary tensors for the frozen
+    weights; the LoRA adapters the trainer injects are removed on exit (also after an error or a Cancel)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        make_parameters_trainable_safe(model.module)
+        try:
+            yield model
+        finally:
+            detach_lora(model.module)
+            model.module.requires_grad_(False)

@@ -1,0 +1,167 @@
+"""Rewards in ComfyUI: load one from the core registry (SFGRPOLoadReward) and score images with it (SFGRPOScore).
+
+The nodes go through ``sfgrpo_core.rewards`` exactly as the trainer does (the same ``load`` and the same defensive
+``score``), so a score seen on a node is the score the trainer would give that image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..sfgrpo_core import rewards
+from .prompts import prompt_lines
+from .types import CATEGORY as PACK_CATEGORY
+from .types import LoadedReward, Reward
+
+CATEGORY = f"{PACK_CATEGORY}/rewards"
+
+
+def load_reward(name: str, options: str) -> LoadedReward:
+    """The registered reward ``name`` built with the keyword options of the JSON object ``options``.
+
+    Raises:
+        ValueError: "reward: ..." for an unknown name (listing the available ones); "options: ..." for text that
+            is not a JSON object or options the reward's factory rejects.
+    """
+    if name not in rewards.available():
+        raise ValueError(f"reward: unknown reward {name!r}; choose one of: {', '.join(rewards.available())}")
+    text = options.strip() or "{}"
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"options: not valid JSON ({error}); write a JSON object such as {{\"quality\": 90}}, "
+                         f"or {{}} for the defaults") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"options: expected a JSON object of keyword options such as {{\"quality\": 90}}, got "
+                         f"{type(parsed).__name__}")
+    try:
+        reward = rewards.load(name, **parsed)
+    except (TypeError, ValueError) as error:  # unknown keyword (load turns it into ValueError) or a bad value
+        raise ValueError(f"options: reward {name!r} rejected {text}: {error}") from None
+    return LoadedReward(name=name, options_json=json.dumps(parsed, sort_keys=True), reward=reward)
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (float [B, H, W, 3] in 0..1) -> uint8 [B, H, W, 3] on the CPU, as round(x * 255) clamped.
+
+    The trainer's decoded images go through the same conversion, so rewards see the same pixels in both places.
+    """
+    return (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def score_images(loaded: LoadedReward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Scores [B] float32 of IMAGE ``images`` with one prompt each; NaN where the reward could not score an image.
+
+    Raises:
+        ValueError: "reward: ..." when the reward fails on every image (a configuration problem, e.g. a
+            prompt-aware reward given prompts it does not understand).
+    """
+    try:
+        return rewards.score(loaded.reward, images_to_uint8(images), prompts)
+    except rewards.RewardError as error:
+        raise ValueError(f"reward: {loaded.name!r} could not score any of the {len(prompts)} images ({error}); "
+                         f"check that the prompts are ones this reward understands") from None
+
+
+def prompts_for(text: str, count: int, input_name: str = "prompts") -> list[str]:
+    """One prompt per image from multiline ``text``: one line for every image, or exactly ``count`` lines.
+
+    Empty text gives the empty prompt to every image (for rewards that ignore prompts, like JPEG size). Lines are
+    read as ``prompt_lines`` reads them (blank lines and '#' comments are skipped).
+
+    Raises:
+        ValueError: "<input_name>: ..." with both counts when the number of lines fits neither case.
+    """
+    lines = prompt_lines(text)
+    if not lines:
+        return [""] * count
+    if len(lines) == 1:
+        return lines * count
+    if len(lines) != count:
+        raise ValueError(f"{input_name}: {len(lines)} prompt lines for {count} images; give one line for all "
+                         f"images or exactly one line per image")
+    return lines
+
+
+def format_scores(scores: list[float], mean: float) -> str:
+    """The text shown on SFGRPOScore: one line per image ("missing" for NaN), then the mean."""
+    lines = [f"image {index}: {'missing' if math.isnan(value) else f'{value:.4f}'}"
+             for index, value in enumerate(scores)]
+    scored = sum(not math.isnan(value) for value in scores)
+    lines.append(f"mean: {'missing' if math.isnan(mean) else f'{mean:.4f}'} ({scored} of {len(scores)} scored)")
+    return "\n".join(lines)
+
+
+class SFGRPOLoadReward(io.ComfyNode):
+    """A reward from the core registry, with its options as JSON."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SFGRPOLoadReward", display_name="Stepwise-Flow-GRPO Load Reward", category=CATEGORY,
+            description="Loads a reward the trainer can optimise and the Score / Tweedie Preview nodes can show. "
+                        "mini_geneval judges mini-world images against their caption; jpeg_compressibility "
+                        "(DDPO) needs no prompt.",
+            inputs=[
+                # Read at every validation: rewards registered after the pack loaded appear too.
+                io.Combo.Input("reward", options=rewards.available(),
+                               default="mini_geneval" if "mini_geneval" in rewards.available() else None,
+                               tooltip="The registered reward to load."),
+                io.String.Input("options", multiline=True, default="{}",
+                                tooltip='Keyword options of the reward as a JSON object, e.g. {"quality": 90} for '
+                                        "the JPEG rewards; {} for the defaults."),
+            ],
+            outputs=[Reward.Output(display_name="reward", tooltip="The loaded reward, for the Score, Tweedie "
+                                                                  "Preview and trainer nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, reward: str, options: str) -> io.NodeOutput:
+        return io.NodeOutput(load_reward(reward, options))
+
+
+class SFGRPOScore(io.ComfyNode):
+    """Scores images with a reward and shows the scores on the node."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SFGRPOScore", display_name="Stepwise-Flow-GRPO Score", category=CATEGORY,
+            description="Scores each image with the reward, as the trainer would. An image the reward cannot "
+                        "score is shown as missing (NaN), never as 0, and left out of the mean.",
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("images", tooltip="The images to score (a batch)."),
+                Reward.Input("reward", tooltip="The reward, from Load Reward."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="The prompt each image was made from, one per line: a single line for all "
+                                        "images, or exactly one line per image. Prompt-aware rewards (mini_geneval) "
+                                        "need it; leave empty for rewards that ignore prompts."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="scores", is_output_list=True,
+                                tooltip="One score per image, in batch order; NaN where the image could not be "
+                                        "scored."),
+                io.Float.Output(display_name="mean", tooltip="Mean score over the scored images; NaN if none was "
+                                                             "scored."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, reward: LoadedReward, prompts: str) -> io.NodeOutput:
+        if not isinstance(reward, LoadedReward):
+            raise ValueError("reward: expected the output of Stepwise-Flow-GRPO Load Reward")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: expected an RGB IMAGE batch [B, H, W, 3], got shape {tuple(images.shape)}")
+        scores = score_images(reward, images, prompts_for(prompts, images.shape[0]))
+        scored = scores[~scores.isnan()]
+        mean = scored.mean().item() if scored.numel() else math.nan
+        values = scores.tolist()
+        return io.NodeOutput(values, mean, ui=ui.PreviewText(format_scores(values, mean)))
+
+
+NODES = [SFGRPOLoadReward, SFGRPOScore]

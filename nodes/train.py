@@ -1,0 +1,256 @@
+"""SFGRPOTrainLoRA: fine-tune a LoRA on a ComfyUI MODEL with Stepwise-Flow-GRPO (or Flow-GRPO) inside a graph.
+
+The node runs sfgrpo_core's trainer (the same loop as ``sfgrpo train``) on ``ComfyFlowModel`` and hands back the
+MODEL with the LoRA applied the way the stock LoRA loaders apply it, the LoRA as LORA_MODEL (for the stock SaveLoRA),
+its metrics as LOSS_MAP (for the stock loss graph) and a reward-curve image. Each run gets its own folder under
+ComfyUI's output directory (config.json, metrics.jsonl, checkpoints, the LoRA, reward_curve.png); the final LoRA is
+also written under the first "loras" model folder, so LoraLoaderModelOnly lists it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..sfgrpo_core.atomic import atomic_save_safetensors
+from ..sfgrpo_core.checkpoint import latest_checkpoint
+from ..sfgrpo_core.config import Config, config_from_dict
+from ..sfgrpo_core.lora import lora_state_dict
+from ..sfgrpo_core.trainer import TrainHooks, train
+from .comfy_model import ComfyFlowModel, model_sampling_of, native_lora, require_flow_patcher, trainable
+from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward
+from .widgets import config_input
+
+RUNS_FOLDER = "sfgrpo"
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+# (widget id, config section, config field, node default or None for the config's own default)
+SETTINGS = (
+    ("method", "credit", "method", None),
+    ("sde", "sampler", "sde", None),
+    ("eta", "sampler", "eta", None),
+    ("noise_level", "sampler", "noise_level", None),
+    ("steps", "sampler", "steps", None),
+    ("substeps", "credit", "substeps", None),
+    ("min_train_std", "sampler", "min_train_std", None),
+    ("group_size", "train", "group_size", None),
+    ("groups_per_iteration", "train", "groups_per_iteration", None),
+    ("iterations", "train", "iterations", None),
+    ("lr", "optim", "lr", None),
+    ("clip_range", "optim", "clip_range", None),
+    ("kl_beta", "optim", "kl_beta", None),
+    ("rank", "lora", "rank", None),
+    ("alpha", "lora", "alpha", None),
+    ("seed", "train", "seed", None),
+    ("checkpoint_every", "train", "checkpoint_every", None),
+    ("eval_every", "train", "eval_every", None),
+    ("eval_samples", "train", "eval_samples", 4),
+    ("micro_batch_size", "optim", "micro_batch_size", None),
+)
+
+
+def runs_root() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / RUNS_FOLDER
+
+
+def loras_root() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def run_folder(root: Path, run_name: str, resume: bool) -> Path:
+    """``root/<run_name>_NNNNN``: the next free number for a new run, the newest one holding a checkpoint to resume.
+
+    Raises:
+        ValueError: naming run_name (not a plain folder name) or resume (nothing to resume).
+    """
+    if not RUN_NAME.match(run_name) or ".." in run_name:
+        raise ValueError(f"run_name: {run_name!r} is not a plain folder name; use letters, digits, '_', '-' and '.'")
+    candidates = root.glob(f"{run_name}_*") if root.is_dir() else []
+    numbered = sorted((int(match.group(1)), path) for path in candidates
+                      if (match := re.fullmatch(re.escape(run_name) + r"_(\d{5})", path.name)))
+    if resume:
+        resumable = [path for _, path in numbered if latest_checkpoint(path) is not None]
+        if not resumable:
+            raise ValueError(f"resume: there is no run named {run_name!r} with a checkpoint in {root}; turn resume "
+                             "off to start a new run, or give the run_name of the run to continue")
+        return resumable[-1]
+    number = numbered[-1][0] + 1 if numbered else 1
+    return root / f"{run_name}_{number:05d}"
+
+
+def merge_prompts(*sets: PromptSet | None) -> PromptSet:
+    """One prompt set holding every text of ``sets`` once (the first conditioning of a repeated text wins)."""
+    merged: dict[str, Any] = {}
+    for prompt_set in sets:
+        if prompt_set is not None:
+            for text, conditioning in zip(prompt_set.texts, prompt_set.conditionings, strict=True):
+                merged.setdefault(text, conditioning)
+    return PromptSet(tuple(merged), tuple(merged.values()))
+
+
+def build_config(settings: dict[str, Any], *, reward: LoadedReward, prompts: PromptSet,
+                 eval_prompts: PromptSet | None, run_dir: Path, device: str, shift: float) -> Config:
+    """The run's Config from the node's widgets (ConfigError names the config field and the fix)."""
+    data: dict[str, dict[str, Any]] = {}
+    for widget, section, name, _ in SETTINGS:
+        data.setdefault(section, {})[name] = settings[widget]
+    data["model"] = {"name": "comfyui", "device": device}
+    data["sampler"]["shift"] = shift
+    data["train"].update(reward=reward.name, reward_options=reward.options_json, prompts=list(prompts.texts),
+                         eval_prompts=list(eval_prompts.texts) if eval_prompts else [], output_dir=str(run_dir))
+    if eval_prompts is None:
+        data["train"]["eval_every"] = 0
+    return config_from_dict(data)
+
+
+class TrainingProgress:
+    """ComfyUI's progress bar over every denoising step of every rollout, previewing one x0 estimate."""
+
+    def __init__(self, patcher: Any, steps: int, iterations: int, start_iteration: int):
+        import latent_preview
+
+        self.steps, self.total = steps, steps * iterations
+        self.iteration = start_iteration
+        self.callback = latent_preview.prepare_callback(patcher, self.total)
+
+    def on_rollout_step(self, step: int, steps: int, x: torch.Tensor, x0_estimate: torch.Tensor) -> None:
+        self.callback(self.iteration * self.steps + step, x0_estimate[:1].detach(), x[:1].detach(), self.total)
+
+    def on_iteration(self, record: dict[str, Any]) -> None:
+        self.iteration = record["iteration"] + 1
+
+
+def reward_curve_image(path: Path) -> torch.Tensor:
+    """The run's reward_curve.png as an IMAGE [1, H, W, 3] in 0..1."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels)[None]
+
+
+def loss_map(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """LOSS_MAP for the stock loss graph ("loss") plus the other per-iteration series."""
+    keys = ("loss", "reward_mean", "approx_kl", "clip_fraction", "zero_std_ratio")
+    series = {key: [float(r[key]) for r in records if key in r and "loss" in r] for key in keys}
+    series["eval_reward_mean"] = [float(r["eval_reward_mean"]) for r in records if "eval_reward_mean" in r]
+    return series
+
+
+def summary(records: list[dict[str, Any]], run_dir: Path, lora_name: str) -> str:
+    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
+    evals = [r["eval_reward_mean"] for r in records if "eval_reward_mean" in r]
+    lines = [f"run folder: {run_dir}", f"LoRA: {lora_name} (Load LoRA lists it)"]
+    if rewards:
+        lines.append(f"train reward: {_fmt(rewards[0])} -> {_fmt(rewards[-1])} over {len(rewards)} iterations")
+    if evals:
+        lines.append(f"held-out reward: {_fmt(evals[0])} -> {_fmt(evals[-1])}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "missing" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+class SFGRPOTrainLoRA(io.ComfyNode):
+    """Fine-tune a LoRA with Stepwise-Flow-GRPO; outputs the model with the LoRA applied, ready for KSampler."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SFGRPOTrainLoRA", display_name="Stepwise-Flow-GRPO Train LoRA", category=f"{CATEGORY}/training",
+            description="Trains a LoRA on a flow-matching model with reinforcement learning: each iteration samples "
+                        "groups of images per prompt with an SDE, scores them with the reward (stepwise: every "
+                        "step's clean estimate too), and updates the LoRA with the clipped GRPO loss. Cancel stops "
+                        "it within one model call; the last checkpoint stays and resume continues from it.",
+            not_idempotent=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The flow-matching model to fine-tune (SD3/SD3.5, FLUX, the mini "
+                                                "world). Its weights are not changed; the output model carries the "
+                                                "LoRA."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes the model's latents, for the reward."),
+                Prompts.Input("prompts", tooltip="Training prompts (from the Prompts node); each iteration draws "
+                                                 "groups_per_iteration of them."),
+                Reward.Input("reward", tooltip="The reward to maximise (from Load Reward)."),
+                io.String.Input("run_name", default="sfgrpo_lora",
+                                tooltip=f"Run folder output/{RUNS_FOLDER}/<run_name>_NNNNN (a new number each "
+                                        f"run) and LoRA file loras/{RUNS_FOLDER}/<run_name>_NNNNN.safetensors."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue the newest run of this run_name from its last checkpoint (up to "
+                                         "iterations); the other settings must be the ones it started with."),
+                io.Int.Input("width", default=512, min=16, max=4096, step=16,
+                             tooltip="Image width of the training samples (a multiple of 16)."),
+                io.Int.Input("height", default=512, min=16, max=4096, step=16,
+                             tooltip="Image height of the training samples (a multiple of 16)."),
+                *[config_input(section, name, default=default, widget_id=widget)
+                  for widget, section, name, default in SETTINGS],
+                Prompts.Input("eval_prompts", optional=True,
+                              tooltip="Held-out prompts: the ODE sampler's mean reward on them is logged every "
+                                      "eval_every iterations. Not connected: no evaluation."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied "
+                                                              "(strength 1), for KSampler."),
+                io.LoraModel.Output(display_name="lora", tooltip="The LoRA in ComfyUI's native format, for Save "
+                                                                 "LoRA Weights or Load LoRA Model."),
+                io.LossMap.Output(display_name="metrics", tooltip="Per-iteration loss, reward_mean, approx_kl, ... "
+                                                                  "(for Plot Loss Graph)."),
+                io.Image.Output(display_name="reward_curve", tooltip="Train (and held-out) reward per iteration."),
+                io.String.Output(display_name="lora_name", tooltip="The LoRA's name in the Load LoRA list."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, prompts, reward, run_name, resume, width, height, eval_prompts=None,
+                **settings) -> io.NodeOutput:
+        import comfy.sd
+
+        require_flow_patcher(model)
+        if vae is None:
+            raise ValueError("vae: no VAE connected; connect the VAE of the model being trained")
+        for name, value in (("width", width), ("height", height)):
+            if value % 16:
+                raise ValueError(f"{name}: {value} is not a multiple of 16; use {value - value % 16 or 16}")
+        if not isinstance(prompts, PromptSet) or not prompts.texts:
+            raise ValueError("prompts: no prompts; connect a Prompts node with at least one prompt")
+        if not isinstance(reward, LoadedReward):
+            raise ValueError("reward: connect a Load Reward node")
+        run_dir = run_folder(runs_root(), run_name, resume)
+        shift = float(getattr(model_sampling_of(model), "shift", 1.0))
+        flow = ComfyFlowModel(model, vae, merge_prompts(prompts, eval_prompts), width=width, height=height,
+                              lora_alpha=settings["alpha"], default_prompts=prompts.texts,
+                              default_eval_prompts=eval_prompts.texts if eval_prompts else ())
+        config = build_config(settings, reward=reward, prompts=prompts, eval_prompts=eval_prompts, run_dir=run_dir,
+                              device=str(flow.device), shift=shift)
+        start = _checkpoint_iteration(run_dir) if resume else 0
+        progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start)
+        hooks = TrainHooks(on_rollout_step=progress.on_rollout_step, on_iteration=progress.on_iteration)
+        with trainable(flow):
+            result = train(config, model=flow, reward=reward.reward, resume=resume, hooks=hooks)
+            native = native_lora(lora_state_dict(flow.module), config.lora.alpha)
+        lora_name = f"{RUNS_FOLDER}/{run_dir.name}.safetensors"
+        atomic_save_safetensors(native, loras_root() / lora_name, {"format": "comfyui-lora", "sfgrpo_config":
+                                                                    json.dumps(config.to_dict())})
+        trained_model, _ = comfy.sd.load_lora_for_models(model, None, native, 1.0, 0)
+        curve = reward_curve_image(result.run_dir / "reward_curve.png")
+        return io.NodeOutput(trained_model, native, loss_map(result.records), curve, lora_name,
+                             ui=ui.PreviewText(summary(result.records, result.run_dir, lora_name)))
+
+
+def _checkpoint_iteration(run_dir: Path) -> int:
+    checkpoint = latest_checkpoint(run_dir)
+    return int(checkpoint.name.rsplit("_", 1)[-1]) if checkpoint is not None else 0
+
+
+NODES = [SFGRPOTrainLoRA]

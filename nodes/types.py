@@ -1,0 +1,45 @@
+"""The pack's own ComfyUI socket types, shared by every node module.
+
+PROMPTS carries prompt texts with their encoded conditioning (``PromptSet``); REWARD carries a loaded reward
+(``LoadedReward``). Both are plain Python objects: no ComfyUI import is needed to build or read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from comfy_api.latest import io
+
+CATEGORY = "Stepwise-Flow-GRPO"
+
+Prompts = io.Custom("SFGRPO_PROMPTS")
+Reward = io.Custom("SFGRPO_REWARD")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Training or evaluation prompts: ``texts[i]`` encoded as ``conditionings[i]``.
+
+    Each conditioning is ComfyUI's CONDITIONING of one prompt: ``[[context [1, L, D], {"pooled_output": [1, P],
+    ...}]]`` (the first entry is used; area / timestep-range entries are not supported for training).
+    """
+
+    texts: tuple[str, ...]
+    conditionings: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.conditionings):
+            raise ValueError(f"{len(self.texts)} prompts but {len(self.conditionings)} conditionings")
+
+    def conditioning_of(self, text: str) -> Any:
+        return self.conditionings[self.texts.index(text)]
+
+
+@dataclass(frozen=True)
+class LoadedReward:
+    """A reward from the core registry with the name and options it was built from (for the run's config)."""
+
+    name: str
+    options_json: str
+    reward: Any

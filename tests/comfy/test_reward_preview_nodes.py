@@ -1,0 +1,285 @@
+"""The reward nodes (Load Reward, Score) and the Tweedie Preview inside a real ComfyUI engine, on the mini world.
+
+The mini world loads through stock nodes (UNETLoader, VAELoader, CLIPTextEncode on the pack's text encoder); a
+test-only node keeps the outputs. The preview runs are done once, in one prompt, and shared by the preview tests.
+"""
+
+import asyncio
+import math
+import sys
+import uuid
+
+import pytest
+import torch
+
+PROMPT = "a red circle"
+SEED = 3
+STEPS = 4
+BATCH = 2
+ODE_STEPS = 8
+CAPTURED: dict[str, dict] = {}
+
+
+class _TestCapture:
+    """Test-only output node: keeps its inputs, whole lists included (INPUT_IS_LIST), in CAPTURED[key]."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    CATEGORY = "testing"
+    OUTPUT_NODE = True
+    INPUT_IS_LIST = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        image = ("IMAGE",)
+        return {"required": {"key": ("STRING", {"default": ""})},
+                "optional": {"estimates": image, "grid": image, "curve": image, "final": image, "latent": ("LATENT",),
+                             "scores": ("FLOAT", {"forceInput": True}), "mean": ("FLOAT", {"forceInput": True})}}
+
+    def capture(self, key, **values):
+        CAPTURED[key[0]] = values
+        return {}
+
+
+@pytest.fixture(scope="module")
+def engine(comfy_engine):
+    """The session's engine with the capture node, on one torch thread (tiny tensors; a busy 2-core machine)."""
+    comfy_engine.nodes.NODE_CLASS_MAPPINGS["TestCaptureLists"] = _TestCapture
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield comfy_engine
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pack_rewards(engine):
+    """The reward registry the pack's nodes use: ComfyUI imports the pack under its own module name, so this is not
+    the ``sfgrpo_core.rewards`` this test process imports."""
+    return sys.modules[engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOLoadReward"].__module__].rewards
+
+
+def _world() -> dict:
+    """Loaders and conditioning of the committed mini world."""
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "mini_sd3_transformer.safetensors",
+                                                        "weight_dtype": "default"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "mini_taesd.safetensors"}},
+        "clip": {"class_type": "SFGRPOMiniWorldTextEncoder", "inputs": {}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["clip", 0]}},
+        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
+        "empty": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": BATCH}},
+    }
+
+
+def _load_reward(name: str, options: str = "{}") -> dict:
+    return {"class_type": "SFGRPOLoadReward", "inputs": {"reward": name, "options": options}}
+
+
+def _score_graph(image_nodes: dict, reward: dict, prompts: str) -> dict:
+    """API prompt: ``image_nodes`` (ending in node "images") scored with ``reward`` (a node), captured as "score"."""
+    return {
+        **image_nodes, "reward": reward,
+        "score": {"class_type": "SFGRPOScore", "inputs": {"images": ["images", 0], "reward": ["reward", 0],
+                                                          "prompts": prompts}},
+        "capture": {"class_type": "TestCaptureLists", "inputs": {"key": "score", "scores": ["score", 0],
+                                                                 "mean": ["score", 1]}},
+    }
+
+
+def _two_flat_images(first_color: int, second_color: int) -> dict:
+    """Nodes "a", "b" and "images": two flat 64x64 images of 0xRRGGBB colours, batched by stock nodes."""
+    return {"a": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                         "color": first_color}},
+            "b": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                         "color": second_color}},
+            "images": {"class_type": "ImageBatch", "inputs": {"image1": ["a", 0], "image2": ["b", 0]}}}
+
+
+def _run(engine, prompt: dict) -> tuple[list, list]:
+    """Execute ``prompt``: (execution_error messages, executed messages)."""
+    CAPTURED.clear()
+    server = engine.run(prompt)
+    errors = [data for event, data in server.messages if event == "execution_error"]
+    executed = [data for event, data in server.messages if event == "executed"]
+    return errors, executed
+
+
+def _run_ok(engine, prompt: dict) -> list:
+    errors, executed = _run(engine, prompt)
+    assert not errors, errors[0]["exception_message"]
+    return executed
+
+
+def _error_message(engine, prompt: dict) -> str:
+    errors, _ = _run(engine, prompt)
+    assert errors, "the prompt ran without an error"
+    assert errors[0]["exception_type"].endswith("ValueError"), errors[0]
+    return errors[0]["exception_message"]
+
+
+def _score_text(executed: list) -> str:
+    texts = [data["output"]["text"] for data in executed if data["output"] and "text" in data["output"]]
+    assert len(texts) == 1, executed
+    return "\n".join(texts[0])
+
+
+# ---------------------------------------------------------------------------------------------------------- rewards
+
+
+def test_load_reward_and_score_decoded_images(engine):
+    prompt = _world()
+    prompt.update({
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["unet", 0], "seed": SEED, "steps": STEPS, "cfg": 1.0, "sampler_name": "euler",
+            "scheduler": "simple", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
+            "denoise": 1.0}},
+    })
+    graph = _score_graph({"images": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0],
+                                                                            "vae": ["vae", 0]}}},
+                         _load_reward("mini_geneval"), PROMPT)
+    executed = _run_ok(engine, {**prompt, **graph})
+    scores, mean = CAPTURED["score"]["scores"], CAPTURED["score"]["mean"]
+    assert len(scores) == BATCH and all(0.0 <= value <= 1.0 for value in scores)
+    assert mean == [pytest.approx(sum(scores) / BATCH)]
+    text = _score_text(executed)
+    assert text.splitlines()[0] == f"image 0: {scores[0]:.4f}" and f"mean: {mean[0]:.4f}" in text
+
+
+def test_score_marks_an_image_the_reward_fails_on_as_missing(engine, pack_rewards, monkeypatch):
+    def brightness_unless_black(images, prompts, metadata=None):
+        if (images.flatten(1).amax(1) == 0).any():
+            raise ValueError("a black image")
+        return images.float().mean((1, 2, 3)) / 255
+
+    monkeypatch.setitem(pack_rewards._REGISTRY, "test_fails_on_black", lambda: brightness_unless_black)
+    graph = _score_graph(_two_flat_images(0x000000, 0x808080), _load_reward("test_fails_on_black"), "")
+    executed = _run_ok(engine, graph)
+    scores, mean = CAPTURED["score"]["scores"], CAPTURED["score"]["mean"]
+    assert math.isnan(scores[0]) and scores[1] == pytest.approx(128 / 255)  # 0x80 -> 128/255 -> round(x*255) = 128
+    assert mean == [pytest.approx(128 / 255)]  # the mean of the scored images only, never counting NaN as 0
+    text = _score_text(executed)
+    assert "image 0: missing" in text and "(1 of 2 scored)" in text
+
+    graph = _score_graph(_two_flat_images(0, 0), _load_reward("test_fails_on_black"), "")
+    assert _error_message(engine, graph).startswith("reward: 'test_fails_on_black' could not score any")
+
+
+def test_score_refuses_a_prompt_count_that_fits_neither_rule(engine):
+    graph = _score_graph(_two_flat_images(0xFF0000, 0x00FF00), _load_reward("jpeg_compressibility"),
+                         "a red circle\na blue square\na green circle")
+    message = _error_message(engine, graph)
+    assert message.startswith("prompts: 3 prompt lines for 2 images"), message
+    graph["score"]["inputs"]["prompts"] = "a red circle\na blue square"  # one per image is fine
+    _run_ok(engine, graph)
+    assert len(CAPTURED["score"]["scores"]) == 2 and all(value < 0 for value in CAPTURED["score"]["scores"])
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("{quality: 90}", "options: not valid JSON"),
+    ("[90]", "options: expected a JSON object"),
+    ('{"quality": 500}', "options: reward 'jpeg_compressibility' rejected"),
+    ('{"qualty": 90}', "options: reward 'jpeg_compressibility' rejected"),
+])
+def test_load_reward_refuses_bad_options(engine, options, expected):
+    graph = _score_graph(_two_flat_images(0, 0), _load_reward("jpeg_compressibility", options), "")
+    assert _error_message(engine, graph).startswith(expected)
+
+
+def test_validation_rejects_an_unknown_reward_name(engine):
+    graph = _score_graph(_two_flat_images(0, 0), _load_reward("no_such_reward"), "")
+    valid, _, _, node_errors = asyncio.run(engine.execution.validate_prompt(str(uuid.uuid4()), graph, None))
+    assert not valid
+    errors = node_errors["reward"]["errors"]
+    assert errors[0]["extra_info"]["input_name"] == "reward"
+    assert "no_such_reward" in errors[0]["details"] and "mini_geneval" in errors[0]["details"]
+
+
+# ---------------------------------------------------------------------------------------------------------- preview
+
+
+def _preview(key: str, *, steps: int = STEPS, sde: str = "ddim", strength: float = 0.7, substeps: int = 1,
+             reward: str | None = None) -> dict:
+    """Nodes "<key>" (the preview), "<key>_decode" (stock VAEDecode of its samples) and their capture."""
+    inputs = {"model": ["unet", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
+              "vae": ["vae", 0], "seed": SEED, "steps": steps, "cfg": 1.0, "scheduler": "simple", "sde": sde,
+              "strength": strength, "substeps": substeps}
+    nodes = {}
+    if reward is not None:
+        nodes[f"{key}_reward"] = _load_reward(reward)
+        inputs.update(reward=[f"{key}_reward", 0], prompt=PROMPT)
+    nodes[key] = {"class_type": "SFGRPOTweediePreview", "inputs": inputs}
+    nodes[f"{key}_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [key, 2], "vae": ["vae", 0]}}
+    nodes[f"{key}_capture"] = {"class_type": "TestCaptureLists", "inputs": {
+        "key": key, "estimates": [key, 0], "grid": [key, 1], "latent": [key, 2], "curve": [key, 3],
+        "final": [f"{key}_decode", 0]}}
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def previews(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """All preview runs in one prompt (the loaders run once): key -> its outputs and the decoded final samples."""
+    prompt = _world()
+    prompt.update(_preview("geneval", reward="mini_geneval"))
+    prompt.update(_preview("substeps", substeps=3, reward="mini_geneval"))
+    prompt.update(_preview("jpeg", reward="jpeg_compressibility"))
+    prompt.update(_preview("ode_weak", steps=ODE_STEPS, sde="ode", strength=0.1))
+    prompt.update(_preview("ode_strong", steps=ODE_STEPS, sde="ode", strength=0.9))
+    _run_ok(engine, prompt)
+    return {key: {name: value[0] for name, value in values.items() if name != "key"}
+            for key, values in CAPTURED.items()}
+
+
+def test_preview_outputs_every_step_then_the_final_image(previews):
+    run = previews["geneval"]
+    estimates, final = run["estimates"], run["final"]
+    assert estimates.shape == (BATCH * (STEPS + 1), 64, 64, 3) and torch.isfinite(estimates).all()
+    assert final.shape == (BATCH, 64, 64, 3)
+    per_sample = estimates.reshape(BATCH, STEPS + 1, 64, 64, 3)
+    torch.testing.assert_close(per_sample[:, -1], final, rtol=0, atol=0)  # the decoded "samples" output
+    # the last step lands on its own Tweedie estimate (an Euler step to t = 0), so with T' = 1 they agree
+    torch.testing.assert_close(per_sample[:, -2], final, rtol=0, atol=2e-3)
+    assert (per_sample[:, 0] - final).abs().mean() > 0.01  # the first step's estimate is not the final image yet
+    assert run["latent"]["samples"].shape == (BATCH, 16, 8, 8)
+
+
+def test_preview_grid_has_a_row_per_sample_and_a_column_per_step(previews):
+    run = previews["geneval"]
+    grid = run["grid"]
+    assert grid.shape == (1, BATCH * 64, (STEPS + 1) * 64, 3)
+    per_sample = run["estimates"].reshape(BATCH, STEPS + 1, 64, 64, 3)
+    torch.testing.assert_close(grid[0, 64:128, 128:192], per_sample[1, 2], rtol=0, atol=0)
+
+
+def test_substeps_refine_early_estimates_only(previews):
+    one, three = (previews[key]["estimates"].reshape(BATCH, STEPS + 1, 64, 64, 3) for key in ("geneval", "substeps"))
+    assert torch.isfinite(three).all()
+    assert (one[:, 0] - three[:, 0]).abs().mean() > 1e-3  # T' ODE substeps from t = 1 are not the one-step estimate
+    torch.testing.assert_close(three[:, -1], one[:, -1], rtol=0, atol=0)  # the trajectory itself is the same
+
+
+def test_reward_curve_has_its_size_and_depends_on_the_reward(previews):
+    from sfgrpo_core.figures import MESSAGE_SIZE, STEP_FIGURE_SIZE
+
+    geneval, jpeg = previews["geneval"]["curve"], previews["jpeg"]["curve"]
+    for curve in (geneval, jpeg):
+        assert curve.shape == (1, STEP_FIGURE_SIZE[1], STEP_FIGURE_SIZE[0], 3) and curve.std() > 0.02
+    assert (geneval - jpeg).abs().max() > 0.1
+    assert previews["ode_weak"]["curve"].shape == (1, MESSAGE_SIZE[1], MESSAGE_SIZE[0], 3)  # no reward connected
+
+
+def test_ode_estimates_ignore_strength_and_converge_to_the_final_image(previews):
+    weak, strong = previews["ode_weak"]["estimates"], previews["ode_strong"]["estimates"]
+    torch.testing.assert_close(strong, weak, rtol=0, atol=0)
+    per_sample = weak.reshape(BATCH, ODE_STEPS + 1, 64, 64, 3)
+    distance = (per_sample[:, :-1] - per_sample[:, -1:]).abs().mean(dim=(0, 2, 3, 4))  # [T] per step
+    assert distance[-1] < distance[ODE_STEPS // 2] < distance[0], distance
+    assert distance[-1] < 0.5 * distance[0], distance
+
+
+def test_preview_refuses_a_model_that_is_not_flow_matching(engine):
+    prompt = {**_world(), **_preview("eps")}
+    prompt["patched"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["unet", 0], "sampling": "eps",
+                                                                           "zsnr": False}}
+    prompt["eps"]["inputs"]["model"] = ["patched", 0]
+    assert "needs a flow-matching model" in _error_message(engine, prompt)
+    assert "eps" not in CAPTURED

@@ -1,0 +1,216 @@
+"""SFGRPOTrainLoRA inside a real ComfyUI engine (in-process) on the committed mini world: it trains, writes its run
+folder and LoRA, hands back a model that KSampler uses, and its LoRA loads in the stock loaders with every key."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+CAPTURED: dict[str, dict] = {}
+TRAIN_PROMPTS = "a red circle\na blue square\ntwo green triangles"
+SETTINGS = dict(method="stepwise", sde="ddim", eta=0.7, noise_level=0.7, steps=4, substeps=1, min_train_std=0.02,
+                group_size=3, groups_per_iteration=2, iterations=2, lr=3e-3, clip_range=0.05, kl_beta=0.0, rank=4,
+                alpha=8.0, seed=0, checkpoint_every=1, eval_every=1, eval_samples=2, micro_batch_size=0)
+
+
+class _TestCaptureAll:
+    """Test-only output node: keeps whatever it is given in CAPTURED[key]."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    CATEGORY = "testing"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": ""})},
+                "optional": {"model": ("MODEL",), "base_model": ("MODEL",), "lora": ("LORA_MODEL",),
+                             "metrics": ("LOSS_MAP",), "image": ("IMAGE",), "base_image": ("IMAGE",),
+                             "curve": ("IMAGE",), "text": ("STRING", {"forceInput": True})}}
+
+    def capture(self, key, **values):
+        CAPTURED[key] = values
+        return {}
+
+
+@pytest.fixture(scope="module")
+def engine(comfy_engine):
+    comfy_engine.nodes.NODE_CLASS_MAPPINGS["TestCaptureAll"] = _TestCaptureAll
+    import folder_paths
+
+    # SaveLoRA writes under output/; list output/loras among the LoRA folders so the stock loader can read it back.
+    saved = comfy_engine.root / "output" / "loras"
+    saved.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path("loras", str(saved))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield comfy_engine
+    torch.set_num_threads(threads)
+
+
+def _sample(model: list, image_key: str, prompt: dict, seed: int = 3) -> None:
+    """Add KSampler (sfgrpo_ddim_sde, 6 steps) + VAEDecode nodes for ``model`` to ``prompt`` as ``image_key``."""
+    prompt[f"{image_key}_sample"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": 6, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0], "denoise": 1.0}}
+    prompt[f"{image_key}_decode"] = {"class_type": "VAEDecode", "inputs": {
+        "samples": [f"{image_key}_sample", 0], "vae": ["vae", 0]}}
+
+
+def _base_graph() -> dict:
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "mini_sd3_transformer.safetensors",
+                                                        "weight_dtype": "default"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "mini_taesd.safetensors"}},
+        "clip": {"class_type": "SFGRPOMiniWorldTextEncoder", "inputs": {}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": "a red circle"}},
+        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
+        "empty": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+    }
+
+
+def train_graph(run_name: str = "test_run", resume: bool = False, **settings) -> dict:
+    """Mini world -> Prompts + LoadReward -> TrainLoRA -> (SaveLoRA, KSampler with the trained and the base model)."""
+    prompt = _base_graph()
+    prompt.update({
+        "prompts": {"class_type": "SFGRPOPrompts", "inputs": {"clip": ["clip", 0], "text": TRAIN_PROMPTS}},
+        "reward": {"class_type": "SFGRPOLoadReward", "inputs": {"reward": "mini_geneval", "options": "{}"}},
+        "train": {"class_type": "SFGRPOTrainLoRA", "inputs": {
+            "model": ["unet", 0], "vae": ["vae", 0], "prompts": ["prompts", 0], "reward": ["reward", 0],
+            "eval_prompts": ["prompts", 0], "run_name": run_name, "resume": resume, "width": 64, "height": 64,
+            **{**SETTINGS, **settings}}},
+        "save": {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 1], "prefix": "loras/saved"}},
+        "capture": {"class_type": "TestCaptureAll", "inputs": {
+            "key": "train", "model": ["train", 0], "base_model": ["unet", 0], "lora": ["train", 1],
+            "metrics": ["train", 2], "curve": ["train", 3], "text": ["train", 4], "image": ["trained_decode", 0],
+            "base_image": ["base_decode", 0]}},
+    })
+    _sample(["train", 0], "trained", prompt)
+    _sample(["unet", 0], "base", prompt)
+    return prompt
+
+
+def run(engine, prompt: dict) -> list[dict]:
+    """Execute; the execution_error messages (empty when it ran)."""
+    CAPTURED.clear()
+    server = engine.run(prompt)
+    return [data for event, data in server.messages if event == "execution_error"]
+
+
+@pytest.fixture(scope="module")
+def trained(engine) -> dict:
+    errors = run(engine, train_graph())
+    assert not errors, errors[0]["exception_message"] + "".join(errors[0]["traceback"])
+    return CAPTURED["train"]
+
+
+def test_training_writes_its_run_folder_and_lora_file(engine, trained):
+    run_dir = engine.root / "output" / "sfgrpo" / "test_run_00001"
+    assert trained["text"] == "sfgrpo/test_run_00001.safetensors"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["group_size"] == 3 and config["credit"]["method"] == "stepwise"
+    assert config["sampler"]["shift"] == pytest.approx(3.0)  # taken from the model's own sampling
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [0, 1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_000001", "iter_000002"]
+    lora_file = engine.root / "loras" / "sfgrpo" / "test_run_00001.safetensors"
+    on_disk = load_file(str(lora_file))
+    assert set(on_disk) == set(trained["lora"])
+    assert all(key.startswith("diffusion_model.joint_blocks.") for key in on_disk)
+    assert any(on_disk[key].abs().max() > 0 for key in on_disk if key.endswith("lora_up.weight"))
+    assert trained["metrics"]["loss"] and len(trained["metrics"]["reward_mean"]) == 2
+    assert trained["curve"].shape[0] == 1 and trained["curve"].shape[-1] == 3
+
+
+def test_trained_model_changes_the_image_and_the_input_model_is_left_as_it_was(trained):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert (trained["image"] - trained["base_image"]).abs().max() > 1 / 255
+    base = trained["base_model"].model.diffusion_model
+    assert not any(isinstance(module, BaseTunerLayer) for module in base.modules())
+    assert not any(parameter.requires_grad for parameter in base.parameters())
+    assert trained["model"] is not trained["base_model"]
+
+
+class _LogCounter(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("source", ["node", "SaveLoRA"])
+def test_lora_file_loads_in_the_stock_loader_with_every_key(engine, trained, source):
+    import folder_paths
+
+    if source == "node":
+        name = trained["text"]
+    else:
+        name = next(n for n in folder_paths.get_filename_list("loras") if Path(n).name.startswith("saved"))
+    prompt = _base_graph()
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": name,
+                                                                       "strength_model": 1.0}}
+    _sample(["lora", 0], "loaded", prompt)
+    prompt["capture"] = {"class_type": "TestCaptureAll", "inputs": {"key": "loaded", "image": ["loaded_decode", 0]}}
+    counter = _LogCounter()
+    logging.getLogger().addHandler(counter)
+    try:
+        errors = run(engine, prompt)
+    finally:
+        logging.getLogger().removeHandler(counter)
+    assert not errors, errors[0]["exception_message"]
+    assert not [m for m in counter.messages if "lora key not loaded" in m]
+    image = CAPTURED["loaded"]["image"]
+    torch.testing.assert_close(image, trained["image"], rtol=0, atol=2 / 255)
+    assert (image - trained["base_image"]).abs().max() > 1 / 255
+
+
+def test_resume_continues_the_newest_run_and_a_new_run_gets_the_next_number(engine, trained):
+    errors = run(engine, train_graph(resume=True, iterations=3))
+    assert not errors, errors[0]["exception_message"]
+    run_dir = engine.root / "output" / "sfgrpo" / "test_run_00001"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [0, 1, 2]
+    assert CAPTURED["train"]["text"] == "sfgrpo/test_run_00001.safetensors"
+    errors = run(engine, train_graph(iterations=1))
+    assert not errors, errors[0]["exception_message"]
+    assert CAPTURED["train"]["text"] == "sfgrpo/test_run_00002.safetensors"
+
+
+def _execution_error(engine, prompt: dict) -> str:
+    errors = run(engine, prompt)
+    assert errors, "the prompt ran without error"
+    return errors[0]["exception_message"]
+
+
+def test_bad_inputs_give_errors_that_say_what_to_change(engine):
+    non_flow = train_graph()
+    non_flow["eps"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["unet", 0], "sampling": "eps",
+                                                                         "zsnr": False}}
+    non_flow["train"]["inputs"]["model"] = ["eps", 0]
+    assert _execution_error(engine, non_flow).startswith("model: Stepwise-Flow-GRPO trains flow-matching models")
+
+    empty = train_graph()
+    empty["prompts"]["inputs"]["text"] = "\n# only a comment\n"
+    assert "text: no prompts given" in _execution_error(engine, empty)
+
+    assert "resume: there is no run named 'never_ran'" in _execution_error(engine, train_graph("never_ran", True))
+    assert "run_name: '../escape'" in _execution_error(engine, train_graph("../escape"))
+    odd_width = train_graph()
+    odd_width["train"]["inputs"]["width"] = 72
+    assert "width: 72 is not a multiple of 16; use 64" in _execution_error(engine, odd_width)
+
+
+def test_group_size_one_is_refused_at_validation(engine):
+    import asyncio
+
+    prompt = train_graph(group_size=1)
+    valid, _, _, node_errors = asyncio.run(engine.execution.validate_prompt("group", prompt, None))
+    assert not valid
+    details = json.dumps(node_errors["train"])
+    assert "group_size" in details and "smaller than min of 2" in details
