@@ -142,9 +142,10 @@ class SFGRPOMiniWorldPromptList(io.ComfyNode):
                 io.Combo.Input("split", options=["train", "heldout"], default="train",
                                tooltip="train: the train split's captions; heldout: a fixed category-balanced "
                                        "held-out list."),
-                io.Int.Input("per_category", default=4, min=1, max=100,
+                io.Int.Input("per_category", default=4, min=1, max=1000,
                              tooltip="Captions per category (six categories); train draws them with the seed."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which captions are drawn."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Which captions are drawn."),
             ],
             outputs=[io.String.Output(display_name="text", tooltip="One caption per line.")],
         )

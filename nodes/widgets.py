@@ -37,8 +37,10 @@ def config_input(section: str, name: str, *, default: Any = None, widget_id: str
     if annotation is bool:
         return io.Boolean.Input(widget_id, default=value, tooltip=tooltip)
     if annotation is int:
+        # A seed widget would get the frontend's "randomize after queueing" control: a training seed stays fixed.
         return io.Int.Input(widget_id, default=value, min=int(meta["minimum"] if meta["minimum"] is not None else 0),
-                            max=int(meta["maximum"]) if meta["maximum"] is not None else INT_MAX, tooltip=tooltip)
+                            max=int(meta["maximum"]) if meta["maximum"] is not None else INT_MAX, tooltip=tooltip,
+                            control_after_generate=False if name == "seed" else None)
     if annotation is float:
         maximum = meta["maximum"] if meta["maximum"] is not None else 1e6
         return io.Float.Input(widget_id, default=value, min=meta["minimum"] if meta["minimum"] is not None else -1e6,

@@ -1,0 +1,166 @@
+"""Every example API workflow on a real ComfyUI server over HTTP (the headless runner), on the committed mini world;
+Cancel (POST /interrupt) during training; the object_info the frontend sees."""
+
+import json
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sfgrpo_core.checkpoint import latest_checkpoint, load_checkpoint
+from sfgrpo_core.runner import load_workflow, run_workflow
+
+API_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
+# The training workflow at test size: a couple of tiny iterations instead of the demo's 40.
+SMALL_TRAINING = ("Train LoRA.iterations=2", "Train LoRA.group_size=2", "Train LoRA.groups_per_iteration=2",
+                  "Train LoRA.steps=4", "Train LoRA.substeps=1", "Train LoRA.eval_samples=1",
+                  "Train LoRA.checkpoint_every=1", "Train LoRA.eval_every=1", "Train Captions.per_category=1",
+                  "Held-out Captions.per_category=1")
+
+
+def run(server, name: str, out_dir: Path, *overrides: str):
+    events: list[str] = []
+    result = run_workflow(API_WORKFLOWS / f"{name}.json", server_url=server.url, overrides=overrides,
+                          out_dir=out_dir, on_event=events.append)
+    assert result.status == "success", "\n".join(events[-20:]) + "\n" + server.log_tail()
+    return result
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def files_with(result, prefix: str) -> list[Path]:
+    return sorted(path for path in result.files if path.name.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def euler_run(comfy_server, tmp_path_factory):
+    return run(comfy_server, "sde_vs_euler", tmp_path_factory.mktemp("sde_vs_euler"))
+
+
+@pytest.fixture(scope="module")
+def training_run(comfy_server, tmp_path_factory):
+    return run(comfy_server, "train_lora", tmp_path_factory.mktemp("train"), *SMALL_TRAINING)
+
+
+def test_every_example_workflow_is_tested_here():
+    assert sorted(path.stem for path in API_WORKFLOWS.glob("*.json")) == [
+        "sample_with_lora", "score_images", "sde_vs_euler", "train_lora", "tweedie_preview"]
+
+
+def test_sde_vs_euler_samples_with_ksampler_names_and_sampler_custom_advanced(euler_run):
+    euler, ddim, flow = (files_with(euler_run, prefix) for prefix in ("euler", "ddim_sde", "flow_sde"))
+    assert len(euler) == len(ddim) == len(flow) == 4
+    assert pixels(euler[0]).shape == (64, 64, 3)
+    assert np.abs(pixels(euler[0]) - pixels(ddim[0])).max() > 8  # the SDE's noise changes the sample
+
+
+def test_score_images_shows_the_scores_on_the_node(comfy_server, tmp_path):
+    result = run(comfy_server, "score_images", tmp_path)
+    text = "\n".join(result.outputs["11"]["text"])
+    assert "mean" in text and len(files_with(result, "scored")) == 4
+
+
+def test_tweedie_preview_saves_the_estimate_grid_and_step_reward_curves(comfy_server, tmp_path):
+    result = run(comfy_server, "tweedie_preview", tmp_path)
+    [grid] = files_with(result, "tweedie_grid")
+    [curve] = files_with(result, "step_rewards")
+    height, width, _ = pixels(grid).shape
+    assert (height, width) == (2 * 64, 9 * 64)  # 2 samples x (8 step estimates + the final image)
+    assert pixels(curve).std() > 0
+
+
+def test_train_lora_writes_lora_curve_and_before_after_images(comfy_server, training_run):
+    assert len(files_with(training_run, "before")) == len(files_with(training_run, "after")) == 8
+    assert files_with(training_run, "reward_curve")
+    summary = "\n".join(training_run.outputs["12"]["text"])
+    assert "sfgrpo/sfgrpo_lora_" in summary and "held-out reward" in summary
+    run_dir = Path(summary.split("run folder: ")[1].splitlines()[0])
+    assert run_dir.is_relative_to(comfy_server.output_dir) and (run_dir / "metrics.jsonl").is_file()
+    saved = list((comfy_server.output_dir / "loras").glob("sfgrpo_lora*.safetensors"))
+    assert len(saved) == 1  # the stock SaveLoRA
+    assert list((comfy_server.models_dir / "loras" / "sfgrpo").glob("sfgrpo_lora_*.safetensors"))
+
+
+def test_sample_with_lora_loads_every_key_and_changes_the_image(comfy_server, training_run, tmp_path):
+    summary = "\n".join(training_run.outputs["12"]["text"])
+    lora_name = summary.split("LoRA: ")[1].split(" ")[0]
+    log_before = comfy_server.log_path.read_text()
+    with_lora = run(comfy_server, "sample_with_lora", tmp_path / "lora", f"Load LoRA.lora_name={lora_name}")
+    without = run(comfy_server, "sample_with_lora", tmp_path / "base", "Load LoRA.strength_model=0")
+    new_log = comfy_server.log_path.read_text()[len(log_before):]
+    assert "lora key not loaded" not in new_log
+    after = [pixels(path) for path in files_with(with_lora, "with_lora")]
+    base = [pixels(path) for path in files_with(without, "with_lora")]
+    assert max(np.abs(a - b).max() for a, b in zip(after, base, strict=True)) > 1
+
+
+def _post(server, path: str, payload: dict) -> dict:
+    request = urllib.request.Request(server.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read()
+    return json.loads(body) if body else {}
+
+
+def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_server_works(
+        comfy_server, euler_run, tmp_path):
+    import websocket
+
+    workflow = load_workflow(API_WORKFLOWS / "train_lora.json")
+    train = workflow["12"]["inputs"]
+    train.update(iterations=200, group_size=2, groups_per_iteration=2, steps=4, substeps=1, eval_every=0,
+                 checkpoint_every=1, run_name=f"interrupted_{uuid.uuid4().hex[:6]}")
+    workflow["7"]["inputs"]["per_category"] = 1
+    client_id = uuid.uuid4().hex
+    socket = websocket.create_connection(f"ws://127.0.0.1:{comfy_server.port}/ws?clientId={client_id}", timeout=300)
+    events: list[tuple[float, str, dict]] = []
+
+    def listen():
+        while True:
+            message = socket.recv()
+            if isinstance(message, bytes):
+                continue
+            data = json.loads(message)
+            events.append((time.monotonic(), data["type"], data.get("data", {})))
+            if data["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+                return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    prompt_id = _post(comfy_server, "/prompt", {"prompt": workflow, "client_id": client_id})["prompt_id"]
+    run_root = comfy_server.output_dir / "sfgrpo"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        runs = list(run_root.glob(f"{train['run_name']}_*")) if run_root.is_dir() else []
+        newest = latest_checkpoint(runs[0]) if runs else None
+        if newest is not None and newest.name >= "iter_000002":
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("training wrote no second checkpoint in 240 s:\n" + comfy_server.log_tail())
+    _post(comfy_server, "/interrupt", {})
+    interrupted_at = time.monotonic()
+    listener.join(timeout=120)
+    socket.close()
+    kinds = [kind for _, kind, _ in events]
+    assert kinds[-1] == "execution_interrupted", kinds[-5:]
+    late_steps = [data for stamp, kind, data in events if kind == "progress" and stamp > interrupted_at
+                  and data.get("node") == "12"]
+    assert len(late_steps) <= 1, late_steps  # at most the denoising step that was running
+    history = json.loads(urllib.request.urlopen(f"{comfy_server.url}/history/{prompt_id}").read())[prompt_id]
+    assert history["status"]["status_str"] == "error"
+    checkpoint = load_checkpoint(latest_checkpoint(runs[0]))
+    assert checkpoint.iteration >= 2 and checkpoint.lora
+    assert not list((runs[0] / "checkpoints").glob(".iter_*"))  # no half-written checkpoint left
+    # The server still works, and its cached base model carries no leftover adapter: euler samples are unchanged.
+    again = run(comfy_server, "sde_vs_euler", tmp_path / "again")
+    for first, second in zip(files_with(euler_run, "euler"), files_with(again, "euler"), strict=True):
+        assert np.abs(pixels(first) - pixels(second)).max() <= 1
