@@ -21,6 +21,7 @@ from torch import nn
 
 from ..sfgrpo_core.atomic import atomic_save_safetensors
 from ..sfgrpo_core.lora import detach_lora, read_lora
+from ..sfgrpo_core.lora_formats import comfyui_to_diffusers
 from .types import PromptSet
 
 # Attention projections of ComfyUI's own module names (matched as suffixes), per diffusion model class: SD3/SD3.5
@@ -29,6 +30,8 @@ LORA_TARGETS = {
     "OpenAISignatureMMDITWrapper": ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj"),
     "Flux": ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
 }
+# ComfyUI diffusion model class -> the architecture name of sfgrpo_core.lora_formats (for the diffusers export).
+ARCHITECTURES = {"OpenAISignatureMMDITWrapper": "sd3", "Flux": "flux"}
 FALLBACK_LORA_TARGETS = ("qkv", "proj", "to_q", "to_k", "to_v", "to_out.0")
 NATIVE_SUFFIXES = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"))
 
@@ -109,7 +112,7 @@ class ComfyFlowModel:
         self.device = patcher.load_device
         self.lora_alpha = lora_alpha
         channels = int(patcher.model.latent_format.latent_channels)
-        self.sample_shape = (channels, height // 8, width // 8)
+        self.sample_shape: tuple[int, ...] = (channels, height // 8, width // 8)
         self.default_lora_targets = LORA_TARGETS.get(type(self.module).__name__, FALLBACK_LORA_TARGETS)
         self.default_prompts = tuple(default_prompts) or prompts.texts
         self.default_eval_prompts = tuple(default_eval_prompts)
@@ -152,10 +155,20 @@ class ComfyFlowModel:
 
     # --- export ---------------------------------------------------------------------------------------------------
     def export_lora(self, lora_path: str | Path) -> Path:
-        """Write the run's LoRA in ComfyUI's native format beside ``lora_path`` (lora_comfyui.safetensors)."""
+        """Write the run's LoRA beside ``lora_path`` in ComfyUI's native format (lora_comfyui.safetensors) and, for
+        SD3/SD3.5 and FLUX, in diffusers' (lora_diffusers.safetensors, for ``pipeline.load_lora_weights``).
+
+        Raises:
+            ValueError: when a trained module has no diffusers counterpart (the ComfyUI file is written first).
+        """
         state, _ = read_lora(lora_path)
+        native = native_lora(state, self.lora_alpha)
         target = Path(lora_path).with_name("lora_comfyui.safetensors")
-        atomic_save_safetensors(native_lora(state, self.lora_alpha), target, {"format": "comfyui-lora"})
+        atomic_save_safetensors(native, target, {"format": "comfyui"})
+        architecture = ARCHITECTURES.get(type(self.module).__name__)
+        if architecture is not None:
+            atomic_save_safetensors(comfyui_to_diffusers(native, architecture),
+                                    target.with_name("lora_diffusers.safetensors"), {"format": "diffusers"})
         return target
 
     # --- conditioning ---------------------------------------------------------------------------------------------

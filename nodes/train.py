@@ -22,6 +22,7 @@ from ..sfgrpo_core.atomic import atomic_save_safetensors
 from ..sfgrpo_core.checkpoint import latest_checkpoint
 from ..sfgrpo_core.config import Config, config_from_dict
 from ..sfgrpo_core.lora import lora_state_dict
+from ..sfgrpo_core.tracking import json_safe
 from ..sfgrpo_core.trainer import TrainHooks, train
 from .comfy_model import ComfyFlowModel, model_sampling_of, native_lora, require_flow_patcher, trainable
 from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward
@@ -113,14 +114,19 @@ def build_config(settings: dict[str, Any], *, reward: LoadedReward, prompts: Pro
     return config_from_dict(data)
 
 
-class TrainingProgress:
-    """ComfyUI's progress bar over every denoising step of every rollout, previewing one x0 estimate."""
+TRAINING_EVENT = "sfgrpo.training"
 
-    def __init__(self, patcher: Any, steps: int, iterations: int, start_iteration: int):
+
+class TrainingProgress:
+    """ComfyUI's progress bar over every denoising step of every rollout, previewing one x0 estimate; after each
+    iteration, its metrics record goes to the page as a "sfgrpo.training" websocket event {"node", "record"}."""
+
+    def __init__(self, patcher: Any, steps: int, iterations: int, start_iteration: int, node_id: str | None):
         import latent_preview
 
         self.steps, self.total = steps, steps * iterations
         self.iteration = start_iteration
+        self.node_id = node_id
         self.callback = latent_preview.prepare_callback(patcher, self.total)
 
     def on_rollout_step(self, step: int, steps: int, x: torch.Tensor, x0_estimate: torch.Tensor) -> None:
@@ -128,6 +134,18 @@ class TrainingProgress:
 
     def on_iteration(self, record: dict[str, Any]) -> None:
         self.iteration = record["iteration"] + 1
+        server = _prompt_server()
+        if server is not None:
+            server.send_sync(TRAINING_EVENT, {"node": self.node_id, "record": json_safe(record)}, server.client_id)
+
+
+def _prompt_server() -> Any:
+    """ComfyUI's PromptServer, or None (in-process engines have none)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
 
 
 def reward_curve_image(path: Path) -> torch.Tensor:
@@ -175,6 +193,7 @@ class SFGRPOTrainLoRA(io.ComfyNode):
                         "step's clean estimate too), and updates the LoRA with the clipped GRPO loss. Cancel stops "
                         "it within one model call; the last checkpoint stays and resume continues from it.",
             not_idempotent=True,
+            hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip="The flow-matching model to fine-tune (SD3/SD3.5, FLUX, the mini "
                                                 "world). Its weights are not changed; the output model carries the "
@@ -234,13 +253,14 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         config = build_config(settings, reward=reward, prompts=prompts, eval_prompts=eval_prompts, run_dir=run_dir,
                               device=str(flow.device), shift=shift)
         start = _checkpoint_iteration(run_dir) if resume else 0
-        progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start)
+        progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start,
+                                    cls.hidden.unique_id if cls.hidden else None)
         hooks = TrainHooks(on_rollout_step=progress.on_rollout_step, on_iteration=progress.on_iteration)
         with trainable(flow):
             result = train(config, model=flow, reward=reward.reward, resume=resume, hooks=hooks)
             native = native_lora(lora_state_dict(flow.module), config.lora.alpha)
         lora_name = f"{RUNS_FOLDER}/{run_dir.name}.safetensors"
-        atomic_save_safetensors(native, loras_root() / lora_name, {"format": "comfyui-lora", "sfgrpo_config":
+        atomic_save_safetensors(native, loras_root() / lora_name, {"format": "comfyui", "sfgrpo_config":
                                                                     json.dumps(config.to_dict())})
         trained_model, _ = comfy.sd.load_lora_for_models(model, None, native, 1.0, 0)
         curve = reward_curve_image(result.run_dir / "reward_curve.png")

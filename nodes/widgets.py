@@ -27,7 +27,7 @@ def config_input(section: str, name: str, *, default: Any = None, widget_id: str
     tooltip then says so), ``note`` is appended to the help text."""
     spec = config_field(section, name)
     meta = spec.metadata
-    value = spec.default if default is None else default
+    value: Any = spec.default if default is None else default
     tooltip = meta["help"] + (f" Default here {value!r} (config default {spec.default!r})." if default is not None
                               and default != spec.default else "") + (f" {note}" if note else "")
     annotation = field_type(SECTIONS[section], name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -93,7 +94,7 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
     step_rewards = intermediate_rewards(model, rollout, reward, substeps=config.substeps, batch_size=batch_size)
     gains = credit.stepwise_gains(step_rewards)
     normalize = credit.joint_advantages if config.normalization == "joint" else credit.per_step_advantages
-    advantages = normalize(gains, rollout.batch.group_ids, std_scope=config.std_scope, eps=config.std_eps,
+    advantages = normalize(gains, rollout.batch.group_ids, std_scope=_std_scope(config), eps=config.std_eps,
                            clip=config.advantage_clip, mask=rollout.active)
     calls = len(torch.unique(rollout.batch.group_ids)) + rollout.states.shape[0] * (rollout.states.shape[1] - 1)
     return Credit(rewards=step_rewards, advantages=advantages, gains=gains, reward_calls=calls)
@@ -104,10 +105,15 @@ def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rew
                      batch_size: int) -> Credit:
     """Flow-GRPO: the final reward's group-relative advantage, the same for every step of a trajectory."""
     final = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_size)
-    per_trajectory = credit.flow_grpo_advantages(final, rollout.batch.group_ids, std_scope=config.std_scope,
+    per_trajectory = credit.flow_grpo_advantages(final, rollout.batch.group_ids, std_scope=_std_scope(config),
                                                  eps=config.std_eps, clip=config.advantage_clip)
     advantages = per_trajectory[:, None].expand(-1, rollout.log_probs.shape[1]).clone()
     return Credit(rewards=final[:, None], advantages=advantages, gains=None, reward_calls=len(final))
+
+
+def _std_scope(config: CreditConfig) -> credit.StdScope:
+    # CreditConfig keeps std_scope a str checked against its choices ("group", "global"); credit checks it again.
+    return cast(credit.StdScope, config.std_scope)
 
 
 CreditMethod = Callable[[VelocityModel, Rollout, rewards.Reward, CreditConfig, int], Credit]

@@ -40,7 +40,9 @@ class Checkpoint:
 
 def optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split a torch optimizer state_dict into safetensors-storable tensors and a JSON-able skeleton."""
-    tensors, per_parameter = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    # str(parameter index) -> state key -> {"tensor": name in tensors} or {"value": JSON-able value}
+    per_parameter: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
         per_parameter[str(index)] = {}
         for key, value in values.items():
@@ -54,7 +56,7 @@ def optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor]
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], skeleton: dict[str, Any]) -> dict[str, Any]:
     """Inverse of ``optimizer_to_tensors``."""
-    state = {}
+    state: dict[int, dict[str, Any]] = {}
     for index, values in skeleton["state"].items():
         state[int(index)] = {key: tensors[entry["tensor"]] if "tensor" in entry else entry["value"]
                              for key, entry in values.items()}
@@ -65,6 +67,10 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Global RNG states (torch as a tensor; Python and numpy as JSON)."""
     python_state = random.getstate()
     numpy_state = np.random.get_state()
+    if not isinstance(numpy_state, tuple):
+        # get_state gives the legacy tuple only for MT19937; np.random.set_bit_generator may have swapped it.
+        raise ValueError("checkpoints record numpy's global RNG as MT19937 state; np.random uses "
+                         f"{numpy_state.get('bit_generator')!r} instead")
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):

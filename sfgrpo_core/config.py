@@ -12,9 +12,12 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .sde import SDE_NAMES
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 class ConfigError(ValueError):
@@ -127,7 +130,7 @@ class TrainConfig:
     reward_batch_size: int = option(64, "Samples per reward call and per batched completion/decode.", minimum=1)
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[DataclassInstance]] = {
     "model": ModelConfig,
     "sampler": SamplerConfig,
     "credit": CreditConfig,
@@ -261,7 +264,7 @@ def config_from_dict(data: typing.Mapping[str, Any]) -> Config:
     """
     if not isinstance(data, typing.Mapping):
         raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
-    sections = {}
+    sections: dict[str, Any] = {}  # section name -> its dataclass; Config.__post_init__ checks each one's type
     for name, values in data.items():
         if name not in SECTIONS:
             raise ConfigError(f"{name}: unknown section; valid sections are {', '.join(SECTIONS)}")

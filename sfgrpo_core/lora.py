@@ -10,11 +10,15 @@ import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .atomic import atomic_save_safetensors
+
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER = "default"
 FORMAT = "sfgrpo-peft-lora"
@@ -38,7 +42,9 @@ def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: S
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0)
+    # peft annotates lora_alpha as int, but only ever divides by it (scaling = alpha / r), so a float alpha works.
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),  # type: ignore[arg-type]
+                        lora_dropout=0.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -57,7 +63,7 @@ def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: S
     return parameters
 
 
-def _tuner_layers(module: nn.Module) -> list[nn.Module]:
+def _tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]

@@ -164,6 +164,59 @@ def to_comfyui(state: Mapping[str, torch.Tensor], alpha: float, rank: int, archi
     return out
 
 
+def diffusers_modules(architecture: str, module: str) -> list[tuple[str, int | None]]:
+    """The diffusers modules behind a ComfyUI module, with their part index in it (None for an unfused Linear).
+
+    Example: ('sd3', 'joint_blocks.0.x_block.attn.qkv') -> [('transformer_blocks.0.attn.to_q', 0), (..to_k, 1),
+    (..to_v, 2)]. The inverse of ``comfyui_module``; raises ValueError for a module it does not map.
+    """
+    if architecture not in _BLOCKS:
+        raise ValueError(f"architecture: {architecture!r} is not 'sd3' or 'flux'")
+    match = _MODULE.match(module)
+    found = []
+    for diffusers_blocks, comfy_blocks, table in _BLOCKS[architecture]:
+        if match and match.group(1) == comfy_blocks:
+            found += [(f"{diffusers_blocks}.{match.group(2)}.{name}", part)
+                      for name, (comfy_name, part) in table.items() if comfy_name == match.group(3)]
+    if not found:
+        raise ValueError(f"LoRA module {module!r} has no diffusers {architecture} counterpart here")
+    return sorted(found, key=lambda item: -1 if item[1] is None else item[1])
+
+
+def comfyui_to_diffusers(native: Mapping[str, torch.Tensor], architecture: str,
+                         prefix: str = "transformer") -> dict[str, torch.Tensor]:
+    """ComfyUI's native LoRA (as ``to_comfyui`` or the ComfyUI trainer node write it) in diffusers' keys.
+
+    Each adapter's scale alpha / r is folded into lora_B (diffusers then needs no alpha). A fused Linear (q/k/v, FLUX's
+    linear1) is split exactly: every part keeps the whole lora_down and takes its own rows of lora_up; the parts are
+    equal thirds of a qkv, and 3 x hidden + 4 x hidden rows of FLUX's linear1.
+    """
+    head = f"{prefix}." if prefix else ""
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(native):
+        if not key.endswith(".lora_down.weight"):
+            continue
+        module = key[: -len(".lora_down.weight")]
+        down, up = native[key], native[f"{module}.lora_up.weight"]
+        alpha = native.get(f"{module}.alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        name = module.removeprefix("diffusion_model.")
+        targets = diffusers_modules(architecture, name)
+        if targets[0][1] is None:
+            sizes: tuple[int, ...] = (up.shape[0],)
+        elif name.endswith("linear1"):
+            hidden = up.shape[0] // 7
+            sizes = (hidden, hidden, hidden, 4 * hidden)
+        else:
+            sizes = (up.shape[0] // 3,) * 3
+        for diffusers_name, part in targets:
+            index = 0 if part is None else part
+            row = sum(sizes[:index])
+            out[f"{head}{diffusers_name}.lora_A.weight"] = down.clone()
+            out[f"{head}{diffusers_name}.lora_B.weight"] = up[row : row + sizes[index]] * scale
+    return out
+
+
 def fuse_parts(parts: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
                part_sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """One adapter for a Linear whose output stacks parts of ``part_sizes`` rows, from adapters of some parts.

@@ -28,17 +28,17 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_finite(record)) + "\n")
+            handle.write(json.dumps(json_safe(record)) + "\n")
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN: write missing numbers as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_finite(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scenes import CATEGORIES, sample_scene
+from .scenes import CATEGORIES, Split, sample_scene
 
 SD3_LATENT_SCALE = 1.5305
 SD3_LATENT_SHIFT = 0.0609
@@ -36,7 +36,7 @@ def make_autoencoder(seed: int = 0):
         return AutoencoderTiny(in_channels=3, out_channels=3, latent_channels=16)
 
 
-def scene_batch(seeds: range | list[int], split: str | None = "train") -> torch.Tensor:
+def scene_batch(seeds: range | list[int], split: Split | None = "train") -> torch.Tensor:
     """Images of the scenes with these seeds as float [B, 3, 64, 64] in [-1, 1] (categories cycle with the seed)."""
     images = np.stack([sample_scene(seed, CATEGORIES[seed % len(CATEGORIES)], split=split).image for seed in seeds])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -76,7 +76,8 @@ class Constraint:
             return f"a {self.target.phrase} is present"
         if self.kind == "count":
             return f"exactly {self.count} x {self.target.phrase}"
-        return f"a {self.target.phrase} {self.relation} a {self.other.phrase}"
+        relation, other = self._relation_and_other()
+        return f"a {self.target.phrase} {relation} a {other.phrase}"
 
     def holds(self, detections: Sequence[Detection]) -> bool:
         matches = [det for det in detections if det.matches(self.target)]
@@ -84,8 +85,15 @@ class Constraint:
             return bool(matches)
         if self.kind == "count":
             return len(matches) == self.count
-        others = [det for det in detections if det.matches(self.other)]
-        return any(relation_holds(a, self.relation, b) for a in matches for b in others if a is not b)
+        relation, other = self._relation_and_other()
+        others = [det for det in detections if det.matches(other)]
+        return any(relation_holds(a, relation, b) for a in matches for b in others if a is not b)
+
+    def _relation_and_other(self) -> tuple[str, ObjectSpec]:
+        """(relation, other) of a "relation" constraint; raises ValueError when one is missing (built wrong)."""
+        if self.relation is None or self.other is None:
+            raise ValueError(f"a relation constraint needs a relation and another object: {self!r}")
+        return self.relation, self.other
 
 
 def relation_holds(first: Detection, relation: str, second: Detection) -> bool:
@@ -205,7 +213,7 @@ def classify_shape(mask: np.ndarray) -> str | None:
         shape: (mask & template).sum() / (mask | template).sum()
         for shape, template in _shape_templates(height, width).items()
     }
-    best = max(ious, key=ious.get)
+    best = max(ious, key=ious.__getitem__)
     return best if ious[best] >= MIN_SHAPE_IOU else None
 
 
@@ -239,12 +247,18 @@ def score_details(image: Any, prompt: str, spec: PromptSpec | None = None) -> di
     spec = spec if spec is not None else _parse_prompt(prompt)
     constraints = constraints_for(spec)
     array = as_rgb64(image)
-    detections = [] if array is None else detect_objects(array)
-    held = [None if array is None else constraint.holds(detections) for constraint in constraints]
+    detections: list[Detection] = []
+    held: list[bool | None] = [None] * len(constraints)  # None: the image cannot be scored
+    score = math.nan
+    if array is not None:
+        detections = detect_objects(array)
+        held_flags = [constraint.holds(detections) for constraint in constraints]
+        held = list(held_flags)
+        score = sum(held_flags) / len(held_flags)
     return {
         "prompt": prompt,
         "category": spec.category,
-        "score": math.nan if array is None else sum(held) / len(held),
+        "score": score,
         "constraints": [{"constraint": c.description, "held": h} for c, h in zip(constraints, held, strict=True)],
         "detections": [asdict(det) for det in detections],
     }

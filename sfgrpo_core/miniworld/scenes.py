@@ -84,6 +84,18 @@ class PromptSpec:
     count: int | None = None
     relation: str | None = None
 
+    def required_count(self) -> int:
+        """``count`` of a counting spec; raises ValueError when it is missing (a spec built wrong)."""
+        if self.count is None:
+            raise ValueError(f"a {self.category} spec needs a count: {self!r}")
+        return self.count
+
+    def required_relation(self) -> str:
+        """``relation`` of a position spec; raises ValueError when it is missing (a spec built wrong)."""
+        if self.relation is None:
+            raise ValueError(f"a {self.category} spec needs a relation: {self!r}")
+        return self.relation
+
 
 @dataclass(frozen=True)
 class PlacedObject:
@@ -117,8 +129,9 @@ def caption(spec: PromptSpec) -> str:
     """The caption text of a spec, e.g. "three red circles" or "a red circle left of a blue square"."""
     first = spec.objects[0].phrase
     if spec.category == "counting":
-        plural = "s" if spec.count > 1 else ""
-        return f"{NUMBER_WORDS[spec.count - 1]} {first}{plural}"
+        count = spec.required_count()
+        plural = "s" if count > 1 else ""
+        return f"{NUMBER_WORDS[count - 1]} {first}{plural}"
     if spec.category == "position":
         return f"a {first} {spec.relation} a {spec.objects[1].phrase}"
     return " and ".join(f"a {obj.phrase}" for obj in spec.objects)
@@ -230,7 +243,7 @@ def render(spec: PromptSpec, rng: np.random.Generator) -> tuple[np.ndarray, tupl
     """
     kinds = [(obj.shape, obj.color or COLORS[rng.integers(len(COLORS))]) for obj in spec.objects]
     if spec.category == "counting":
-        kinds = kinds * spec.count
+        kinds = kinds * spec.required_count()
     boxes = _layout(len(kinds), spec.relation, rng)
     objects = tuple(PlacedObject(shape, color, *box) for (shape, color), box in zip(kinds, boxes, strict=True))
     return draw(objects), objects

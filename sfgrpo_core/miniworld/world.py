@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from ..models.base import register_backend
 from ..models.diffusers_backend import DiffusersFlowModel
@@ -16,7 +18,7 @@ from .scenes import train_prompts
 from .text import MiniTextEncoder
 
 
-def load_components(weights_dir: str | Path = WEIGHTS_DIR):
+def load_components(weights_dir: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, MiniTextEncoder, Any]:
     """(transformer, text encoder, diffusers AutoencoderTiny) in float32, frozen, from a built weights folder."""
     from diffusers import AutoencoderTiny, SD3Transformer2DModel
     from safetensors import safe_open
@@ -28,7 +30,8 @@ def load_components(weights_dir: str | Path = WEIGHTS_DIR):
                          "`sfgrpo miniworld build --out DIR` or leave model.path empty for the committed one")
     with safe_open(str(weights_dir / TRANSFORMER_FILE), framework="pt") as handle:
         config = json.loads(handle.metadata()["config"])
-    transformer = SD3Transformer2DModel(**config)
+    # Type checkers resolve `from diffusers import ...` to diffusers' torch-less dummy classes, not nn.Modules.
+    transformer = cast(nn.Module, SD3Transformer2DModel(**config))
     transformer.load_state_dict({k: v.float() for k, v in load_file(str(weights_dir / TRANSFORMER_FILE)).items()})
     with safe_open(str(weights_dir / TEXT_ENCODER_FILE), framework="pt") as handle:
         text_config = json.loads(handle.metadata()["config"])

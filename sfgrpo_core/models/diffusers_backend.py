@@ -14,9 +14,9 @@ branch per sample (algorithm.md section 6).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -173,9 +173,12 @@ class DiffusersFlowModel:
         from ..lora_formats import export_lora
 
         folder = Path(lora_path).parent
-        return [export_lora(lora_path, folder / "lora_diffusers.safetensors", format="diffusers"),
-                export_lora(lora_path, folder / "lora_comfyui.safetensors", format="comfyui",
-                            architecture=self.architecture, transformer_config=dict(self.module.config))]
+        diffusers_file = export_lora(lora_path, folder / "lora_diffusers.safetensors", format="diffusers")
+        # The transformer's diffusers config (a FrozenDict); through nn.Module's typing it reads as Tensor | Module.
+        transformer_config = dict(cast(Mapping[str, Any], self.module.config))
+        comfyui_file = export_lora(lora_path, folder / "lora_comfyui.safetensors", format="comfyui",
+                                   architecture=self.architecture, transformer_config=transformer_config)
+        return [diffusers_file, comfyui_file]
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,8 @@ def sample_mixture(count: int, generator: torch.Generator) -> torch.Tensor:
 class ToyVelocityNet(nn.Module):
     """v(x, sigma, condition): x [B, 2], sigma [B], condition one-hot [B, 8] -> [B, 2]."""
 
+    frequencies: torch.Tensor  # [frequencies] angular frequencies of the sigma embedding, a non-persistent buffer
+
     def __init__(self, hidden: int = 128, frequencies: int = 8):
         super().__init__()
         self.register_buffer("frequencies", 2.0 ** torch.arange(frequencies, dtype=torch.float32) * math.pi,
@@ -97,10 +99,12 @@ def _pretrain(steps: int, batch_size: int, seed: int) -> ToyVelocityNet:
 class ToyWorld:
     """The toy world as a VelocityModel. ``decode`` is the identity: its rewards read the 2-D points."""
 
-    default_lora_targets = ("input", "hidden1", "hidden2", "output")
-    sample_shape = (2,)
-    default_prompts = ("mode 0", "mode 3")
-    default_eval_prompts = ("mode 0", "mode 3")
+    # Typed as the VelocityModel protocol declares them (its attributes are settable, so the types must match).
+    default_lora_targets: tuple[str, ...] = ("input", "hidden1", "hidden2", "output")
+    sample_shape: tuple[int, ...] = (2,)
+    default_prompts: tuple[str, ...] = ("mode 0", "mode 3")
+    default_eval_prompts: tuple[str, ...] = ("mode 0", "mode 3")
+    module: nn.Module
 
     def __init__(self, net: ToyVelocityNet, device: str = "cpu"):
         self.module = net.to(device).train(False)

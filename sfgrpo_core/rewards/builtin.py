@@ -50,8 +50,9 @@ class ToyModeCloseness:
             raise ValueError(f"width must be > 0, got {width}")
         self.width = width
 
-    def __call__(self, points: Any, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
-        points = torch.as_tensor(points, dtype=torch.float32).cpu()
+    def __call__(self, images: Any, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
+        """Scores [B] in (0, 1] of the toy world's 2-D points [B, 2], which it passes as ``images`` (Reward's name)."""
+        points = torch.as_tensor(images, dtype=torch.float32).cpu()
         if points.ndim != 2 or points.shape[1] != 2:
             raise ValueError(f"toy_mode scores 2-D points [B, 2], got shape {tuple(points.shape)}")
         centres = toy.MODE_CENTERS[[toy.prompt_mode(prompt) for prompt in prompts]]

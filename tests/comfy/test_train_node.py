@@ -104,7 +104,9 @@ def run(engine, prompt: dict) -> list[dict]:
 def trained(engine) -> dict:
     errors = run(engine, train_graph())
     assert not errors, errors[0]["exception_message"] + "".join(errors[0]["traceback"])
-    return CAPTURED["train"]
+    run_dir = engine.root / "output" / "sfgrpo" / "test_run_00001"
+    # kept now: the resume test below trains this run further
+    return {**CAPTURED["train"], "diffusers_lora": load_file(str(run_dir / "lora_diffusers.safetensors"))}
 
 
 def test_training_writes_its_run_folder_and_lora_file(engine, trained):
@@ -216,28 +218,42 @@ def test_group_size_one_is_refused_at_validation(engine):
     assert "group_size" in details and "smaller than min of 2" in details
 
 
+def _package_module(engine, name: str):
+    """A module of the pack as ComfyUI imported it (its own copy, not the test's ``sfgrpo_core`` import)."""
+    import importlib
+
+    package = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"].__module__.rsplit(".", 1)[0]
+    return importlib.import_module(f"{package}.{name}")
+
+
+def _comfy_world(engine, patcher=None, texts=("a red circle", "two blue squares")):
+    """ComfyFlowModel of the mini world loaded by the stock loaders (or of ``patcher``), with ``texts`` encoded."""
+    import nodes as comfy_nodes
+
+    prompts_module = _package_module(engine, "prompts")
+    with torch.inference_mode():
+        if patcher is None:
+            (patcher,) = comfy_nodes.UNETLoader().load_unet("mini_sd3_transformer.safetensors", "default")
+        (vae,) = comfy_nodes.VAELoader().load_vae("mini_taesd.safetensors")
+        clip = prompts_module.MiniWorldCLIP(prompts_module.mini_world_text_encoder())
+        prompt_set = prompts_module.encode_prompt_set(clip, list(texts))
+    return _package_module(engine, "comfy_model").ComfyFlowModel(patcher, vae, prompt_set, width=64, height=64)
+
+
+def _inputs(shape):
+    texts = ["a red circle", "two blue squares", "a red circle"]
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    return texts, x, torch.tensor([0.9, 0.5, 0.1])
+
+
 def test_comfyui_backend_matches_the_core_mini_world_backend(engine):
     """The trainer's view of a ComfyUI MODEL (ComfyFlowModel) gives the velocities and images of the core's own
     mini world backend for the same weights, prompt, x and sigma."""
-    import importlib
-
-    import nodes as comfy_nodes
     from sfgrpo_core.models import build
 
-    package = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"].__module__.rsplit(".", 1)[0]
-    comfy_model = importlib.import_module(f"{package}.comfy_model")
-    prompts_module = importlib.import_module(f"{package}.prompts")
-    with torch.inference_mode():
-        (patcher,) = comfy_nodes.UNETLoader().load_unet("mini_sd3_transformer.safetensors", "default")
-        (vae,) = comfy_nodes.VAELoader().load_vae("mini_taesd.safetensors")
-        clip = prompts_module.MiniWorldCLIP(prompts_module.mini_world_text_encoder())
-        prompt_set = prompts_module.encode_prompt_set(clip, ["a red circle", "two blue squares"])
-    comfy_world = comfy_model.ComfyFlowModel(patcher, vae, prompt_set, width=64, height=64)
-    core_world = build("miniworld")
+    comfy_world, core_world = _comfy_world(engine), build("miniworld")
     assert comfy_world.sample_shape == core_world.sample_shape
-    texts = ["a red circle", "two blue squares", "a red circle"]
-    x = torch.randn(3, *core_world.sample_shape, generator=torch.Generator().manual_seed(0))
-    sigma = torch.tensor([0.9, 0.5, 0.1])
+    texts, x, sigma = _inputs(core_world.sample_shape)
     with torch.no_grad():
         comfy_velocity = comfy_world.velocity(x, sigma, comfy_world.encode_prompts(texts))
         core_velocity = core_world.velocity(x, sigma, core_world.encode_prompts(texts))
@@ -249,3 +265,20 @@ def test_comfyui_backend_matches_the_core_mini_world_backend(engine):
     assert (comfy_images.int() - core_images.int()).abs().float().mean() < 2.0
     with pytest.raises(ValueError, match="was not encoded"):
         comfy_world.encode_prompts(["a green triangle"])
+
+
+def test_the_runs_diffusers_lora_gives_the_comfyui_lora_model_in_diffusers(engine, trained):
+    """lora_diffusers.safetensors in diffusers' own loader reproduces the node's MODEL output (ComfyUI's LoRA)."""
+    from sfgrpo_core.models import build
+
+    core_world = build("miniworld")
+    core_world.module.load_lora_adapter(trained["diffusers_lora"], prefix="transformer")
+    comfy_world = _comfy_world(engine, trained["model"])
+    base_world = _comfy_world(engine)
+    texts, x, sigma = _inputs(core_world.sample_shape)
+    with torch.no_grad():
+        with_lora = comfy_world.velocity(x, sigma, comfy_world.encode_prompts(texts))
+        base = base_world.velocity(x, sigma, base_world.encode_prompts(texts))
+        in_diffusers = core_world.velocity(x, sigma, core_world.encode_prompts(texts))
+    assert (with_lora - base).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(in_diffusers, with_lora, rtol=1e-4, atol=1e-4)

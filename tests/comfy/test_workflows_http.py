@@ -152,6 +152,10 @@ def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_ser
     socket.close()
     kinds = [kind for _, kind, _ in events]
     assert kinds[-1] == "execution_interrupted", kinds[-5:]
+    records = [data["record"] for _, kind, data in events if kind == "sfgrpo.training"]
+    assert [record["iteration"] for record in records][:2] == [0, 1] and all(d["node"] == "12" for _, k, d in events
+                                                                             if k == "sfgrpo.training")
+    assert "reward_mean" in records[0] and "loss" in records[0]
     late_steps = [data for stamp, kind, data in events if kind == "progress" and stamp > interrupted_at
                   and data.get("node") == "12"]
     assert len(late_steps) <= 1, late_steps  # at most the denoising step that was running
@@ -186,3 +190,14 @@ def test_ui_workflows_are_the_api_workflows_for_this_comfyui_and_show_in_the_tem
     assert sorted(templates["sfgrpo"]) == sorted(path.stem for path in API_WORKFLOWS.glob("*.json"))
     served = _get_json(comfy_server, "/api/workflow_templates/sfgrpo/train_lora.json")
     assert served == json.loads((ui_folder / "train_lora.json").read_text())
+
+
+def test_every_node_has_a_help_page_the_server_serves(comfy_server):
+    object_info = _get_json(comfy_server, "/object_info")
+    ours = sorted(name for name in object_info if name.startswith("SFGRPO"))
+    assert len(ours) == 8
+    for node_id in ours:
+        with urllib.request.urlopen(f"{comfy_server.url}/extensions/sfgrpo/docs/{node_id}.md", timeout=30) as page:
+            assert page.read().decode().startswith("# ")
+        inputs = {**object_info[node_id]["input"]["required"], **object_info[node_id]["input"].get("optional", {})}
+        assert all(len(spec) > 1 and spec[1].get("tooltip") for spec in inputs.values()), node_id

@@ -5,7 +5,14 @@ import torch
 from safetensors import safe_open
 
 from sfgrpo_core.lora import attach_lora, lora_state_dict, save_lora
-from sfgrpo_core.lora_formats import comfyui_module, export_lora, to_comfyui, to_diffusers
+from sfgrpo_core.lora_formats import (
+    comfyui_module,
+    comfyui_to_diffusers,
+    diffusers_modules,
+    export_lora,
+    to_comfyui,
+    to_diffusers,
+)
 from sfgrpo_core.models import tiny
 
 HIDDEN = 16
@@ -120,3 +127,28 @@ def test_to_diffusers_folds_alpha_and_diffusers_loader_reproduces_the_outputs(tm
         assert "diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight" in handle.keys()
     with pytest.raises(ValueError, match="format"):
         export_lora(trained, tmp_path / "x.safetensors", format="kohya")
+
+
+@pytest.mark.parametrize("architecture, modules", [
+    ("sd3", {f"transformer_blocks.2.attn.{part}": HIDDEN
+             for part in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")}),
+    ("flux", {**{f"single_transformer_blocks.1.attn.{part}": HIDDEN for part in ("to_q", "to_k", "to_v")},
+              "single_transformer_blocks.1.proj_mlp": 4 * HIDDEN, "single_transformer_blocks.1.proj_out": HIDDEN,
+              "transformer_blocks.0.attn.to_out.0": HIDDEN}),
+])
+def test_comfyui_to_diffusers_gives_back_every_module_update(architecture, modules):
+    """ComfyUI's fused adapters split back into diffusers modules with exactly the training updates."""
+    state = _state(modules, torch.Generator().manual_seed(2))
+    back = comfyui_to_diffusers(to_comfyui(state, ALPHA, RANK, architecture, CONFIG), architecture)
+    assert sorted(back) == sorted(f"transformer.{name}.lora_{part}.weight" for name in modules for part in "AB")
+    for name in modules:
+        update = back[f"transformer.{name}.lora_B.weight"] @ back[f"transformer.{name}.lora_A.weight"]
+        torch.testing.assert_close(update, _delta(state, name))
+
+
+def test_diffusers_modules_inverts_comfyui_module():
+    for module in ("transformer_blocks.3.attn.to_k", "transformer_blocks.0.attn.to_add_out"):
+        name, part = comfyui_module("sd3", module)
+        assert (module, part) in diffusers_modules("sd3", name)
+    with pytest.raises(ValueError, match="no diffusers sd3 counterpart"):
+        diffusers_modules("sd3", "joint_blocks.0.x_block.adaLN_modulation.1")
