@@ -25,6 +25,7 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: install
