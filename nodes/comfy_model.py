@@ -95,11 +95,13 @@ class ComfyFlowModel:
         prompts: every prompt the run may use (train and evaluation) with its conditioning.
         width, height: image size in pixels (multiples of 16); the latent is 1/8 of it.
         lora_alpha: alpha of the adapters, for the native export.
+        decode_autocast: decode the reward's images under torch.autocast with this dtype on the VAE's device
+            (bfloat16 makes a small VAE ~3x faster on a CPU, within ~3/255); None decodes as ComfyUI does.
     """
 
     def __init__(self, patcher: Any, vae: Any, prompts: PromptSet, *, width: int, height: int,
                  lora_alpha: float = 1.0, default_prompts: Sequence[str] = (),
-                 default_eval_prompts: Sequence[str] = ()):
+                 default_eval_prompts: Sequence[str] = (), decode_autocast: torch.dtype | None = None):
         import comfy.model_management
 
         require_flow_patcher(patcher)
@@ -117,6 +119,7 @@ class ComfyFlowModel:
         self.default_prompts = tuple(default_prompts) or prompts.texts
         self.default_eval_prompts = tuple(default_eval_prompts)
         self._model_conds: dict[int, dict[str, Any]] = {}
+        self.decode_autocast = decode_autocast
 
     # --- VelocityModel -------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -148,8 +151,16 @@ class ComfyFlowModel:
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, H, W, 3] of model-space latents, quantized as SaveImage does."""
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
         latents = self.base_model.process_latent_out(x.detach().float().cpu())
-        images = self.vae.decode(latents)
+        if self.decode_autocast is None:
+            images = self.vae.decode(latents)
+        else:
+            device_type = torch.device(getattr(self.vae, "device", "cpu")).type
+            with torch.autocast(device_type, dtype=self.decode_autocast):
+                images = self.vae.decode(latents)
         images = images.reshape(-1, *images.shape[-3:])  # video VAEs add a frame axis
         return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 

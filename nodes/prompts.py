@@ -20,10 +20,13 @@ def prompt_lines(text: str) -> list[str]:
 
 
 def encode_prompt_set(clip: Any, texts: list[str]) -> PromptSet:
-    """Encode each text on its own with ``clip`` (any ComfyUI CLIP, or the mini world's ``MiniWorldCLIP``)."""
-    unique = list(dict.fromkeys(texts))
-    return PromptSet(texts=tuple(unique),
-                     conditionings=tuple(clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in unique))
+    """Encode each distinct text once with ``clip`` (any ComfyUI CLIP, or the mini world's ``MiniWorldCLIP``).
+
+    Repeated texts stay in the list: a prompt listed twice is drawn twice as often in training and evaluated twice,
+    as in a config file's prompt list.
+    """
+    encoded = {text: clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in dict.fromkeys(texts)}
+    return PromptSet(texts=tuple(texts), conditionings=tuple(encoded[text] for text in texts))
 
 
 class SFGRPOPrompts(io.ComfyNode):
@@ -40,7 +43,7 @@ class SFGRPOPrompts(io.ComfyNode):
                                               "world, the Mini World Text Encoder."),
                 io.String.Input("text", multiline=True, default="a red circle\na blue square",
                                 tooltip="One prompt per line. Empty lines and lines starting with # are ignored; "
-                                        "duplicates count once."),
+                                        "a prompt listed twice is drawn twice as often."),
             ],
             outputs=[Prompts.Output(display_name="prompts", tooltip="The prompts with their conditioning.")],
         )
@@ -163,7 +166,9 @@ class SFGRPOMiniWorldPromptList(io.ComfyNode):
         lines = []
         for category in CATEGORIES:
             pool = train_prompts(category)
-            lines += [pool[i] for i in rng.choice(len(pool), min(per_category, len(pool)), replace=False)]
+            # sorted: the whole split comes in its own order, the same list `sfgrpo train` uses by default
+            chosen = sorted(rng.choice(len(pool), min(per_category, len(pool)), replace=False))
+            lines += [pool[index] for index in chosen]
         return io.NodeOutput("\n".join(lines))
 
 

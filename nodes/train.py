@@ -29,6 +29,7 @@ from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward
 from .widgets import config_input
 
 RUNS_FOLDER = "sfgrpo"
+DECODE_AUTOCAST = {"vae dtype": None, "bfloat16 autocast": torch.bfloat16}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 # (widget id, config section, config field, node default or None for the config's own default)
@@ -214,6 +215,10 @@ class SFGRPOTrainLoRA(io.ComfyNode):
                              tooltip="Image height of the training samples (a multiple of 16)."),
                 *[config_input(section, name, default=default, widget_id=widget)
                   for widget, section, name, default in SETTINGS],
+                io.Combo.Input("reward_decode", options=list(DECODE_AUTOCAST), default="vae dtype", optional=True,
+                               tooltip="How images are decoded for the reward: 'vae dtype' exactly as ComfyUI "
+                                       "decodes; 'bfloat16 autocast' about 3x faster for a small VAE on a CPU (the "
+                                       "mini world), pixels within ~3/255."),
                 Prompts.Input("eval_prompts", optional=True,
                               tooltip="Held-out prompts: the ODE sampler's mean reward on them is logged every "
                                       "eval_every iterations. Not connected: no evaluation."),
@@ -231,8 +236,8 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, prompts, reward, run_name, resume, width, height, eval_prompts=None,
-                **settings) -> io.NodeOutput:
+    def execute(cls, model, vae, prompts, reward, run_name, resume, width, height, reward_decode="vae dtype",
+                eval_prompts=None, **settings) -> io.NodeOutput:
         import comfy.sd
 
         require_flow_patcher(model)
@@ -249,7 +254,8 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         shift = float(getattr(model_sampling_of(model), "shift", 1.0))
         flow = ComfyFlowModel(model, vae, merge_prompts(prompts, eval_prompts), width=width, height=height,
                               lora_alpha=settings["alpha"], default_prompts=prompts.texts,
-                              default_eval_prompts=eval_prompts.texts if eval_prompts else ())
+                              default_eval_prompts=eval_prompts.texts if eval_prompts else (),
+                              decode_autocast=DECODE_AUTOCAST[reward_decode])
         config = build_config(settings, reward=reward, prompts=prompts, eval_prompts=eval_prompts, run_dir=run_dir,
                               device=str(flow.device), shift=shift)
         start = _checkpoint_iteration(run_dir) if resume else 0

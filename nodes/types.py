@@ -19,7 +19,8 @@ Reward = io.Custom("SFGRPO_REWARD")
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Training or evaluation prompts: ``texts[i]`` encoded as ``conditionings[i]``.
+    """Training or evaluation prompts: ``texts[i]`` encoded as ``conditionings[i]`` (texts may repeat: a repeated
+    prompt is drawn, and evaluated, that many times as often).
 
     Each conditioning is ComfyUI's CONDITIONING of one prompt: ``[[context [1, L, D], {"pooled_output": [1, P],
     ...}]]`` (the first entry is used; area / timestep-range entries are not supported for training).
