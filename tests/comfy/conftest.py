@@ -26,6 +26,27 @@ def comfy_server(comfyui, tmp_path_factory):
         yield server
 
 
+def capture_node(store: dict, inputs: dict[str, tuple], *, input_is_list: bool = False) -> type:
+    """A test-only ComfyUI output node class that keeps what it is given in ``store[key]``.
+
+    Args:
+        store: where each execution's inputs go, under the node's ``key`` input.
+        inputs: the optional inputs it takes, name -> ComfyUI V1 type spec (e.g. ``("IMAGE",)``).
+        input_is_list: take whole lists (ComfyUI's INPUT_IS_LIST), e.g. a FLOAT list output.
+    """
+
+    def capture(self, key, **values):
+        store[key[0] if input_is_list else key] = values
+        return {}
+
+    return type("TestCapture", (), {
+        "RETURN_TYPES": (), "FUNCTION": "capture", "CATEGORY": "testing", "OUTPUT_NODE": True,
+        "INPUT_IS_LIST": input_is_list, "capture": capture,
+        "INPUT_TYPES": classmethod(lambda cls: {"required": {"key": ("STRING", {"default": ""})},
+                                                "optional": dict(inputs)}),
+    })
+
+
 class _FakeServer:
     """The few PromptServer attributes PromptExecutor uses; records every message it is sent."""
 
@@ -45,6 +66,11 @@ class ComfyEngine:
 
     def __init__(self, nodes_module, execution_module, root: Path):
         self.nodes, self.execution, self.root = nodes_module, execution_module, root
+
+    def add_capture_node(self, name: str, store: dict, inputs: dict[str, tuple], *,
+                         input_is_list: bool = False) -> None:
+        """Register a test-only output node ``name`` that keeps its inputs in ``store`` (see ``capture_node``)."""
+        self.nodes.NODE_CLASS_MAPPINGS[name] = capture_node(store, inputs, input_is_list=input_is_list)
 
     def run(self, prompt: dict) -> _FakeServer:
         """Validate and execute ``prompt`` with a fresh executor (nothing cached); the server holds the messages.

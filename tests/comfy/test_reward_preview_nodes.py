@@ -20,31 +20,14 @@ ODE_STEPS = 8
 CAPTURED: dict[str, dict] = {}
 
 
-class _TestCapture:
-    """Test-only output node: keeps its inputs, whole lists included (INPUT_IS_LIST), in CAPTURED[key]."""
-
-    RETURN_TYPES = ()
-    FUNCTION = "capture"
-    CATEGORY = "testing"
-    OUTPUT_NODE = True
-    INPUT_IS_LIST = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        image = ("IMAGE",)
-        return {"required": {"key": ("STRING", {"default": ""})},
-                "optional": {"estimates": image, "grid": image, "curve": image, "final": image, "latent": ("LATENT",),
-                             "scores": ("FLOAT", {"forceInput": True}), "mean": ("FLOAT", {"forceInput": True})}}
-
-    def capture(self, key, **values):
-        CAPTURED[key[0]] = values
-        return {}
-
+_IMAGE = ("IMAGE",)
+CAPTURE_INPUTS = {"estimates": _IMAGE, "grid": _IMAGE, "curve": _IMAGE, "final": _IMAGE, "latent": ("LATENT",),
+                  "scores": ("FLOAT", {"forceInput": True}), "mean": ("FLOAT", {"forceInput": True})}
 
 @pytest.fixture(scope="module")
 def engine(comfy_engine):
     """The session's engine with the capture node, on one torch thread (tiny tensors; a busy 2-core machine)."""
-    comfy_engine.nodes.NODE_CLASS_MAPPINGS["TestCaptureLists"] = _TestCapture
+    comfy_engine.add_capture_node("TestCaptureLists", CAPTURED, CAPTURE_INPUTS, input_is_list=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield comfy_engine

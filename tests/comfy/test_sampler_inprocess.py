@@ -36,24 +36,6 @@ class _TestConditioning:
         return ([[condition["context"], {"pooled_output": condition["pooled"]}]],)
 
 
-class _TestCapture:
-    """Test-only output node: keeps its inputs in CAPTURED[key]."""
-
-    RETURN_TYPES = ()
-    FUNCTION = "capture"
-    CATEGORY = "testing"
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"key": ("STRING", {"default": ""})},
-                "optional": {"latent": ("LATENT",), "image": ("IMAGE",), "sigmas": ("SIGMAS",)}}
-
-    def capture(self, key, **values):
-        CAPTURED[key] = values
-        return {}
-
-
 @pytest.fixture(scope="module")
 def world():
     """The committed mini world as the trainer sees it (sfgrpo_core.models.build("miniworld"))."""
@@ -65,7 +47,9 @@ def engine(comfy_engine, world):
     """The session's ComfyUI engine with the two test-only nodes registered, on one torch thread for this module:
     the mini world's tensors are tiny, and two threads on a busy 2-core machine made each step ~30x slower."""
     _TestConditioning.world = world
-    comfy_engine.nodes.NODE_CLASS_MAPPINGS.update(TestConditioning=_TestConditioning, TestCapture=_TestCapture)
+    comfy_engine.nodes.NODE_CLASS_MAPPINGS["TestConditioning"] = _TestConditioning
+    comfy_engine.add_capture_node("TestCapture", CAPTURED, {"latent": ("LATENT",), "image": ("IMAGE",),
+                                                           "sigmas": ("SIGMAS",)})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield comfy_engine

@@ -16,29 +16,13 @@ SETTINGS = dict(method="stepwise", sde="ddim", eta=0.7, noise_level=0.7, steps=4
                 alpha=8.0, seed=0, checkpoint_every=1, eval_every=1, eval_samples=2, micro_batch_size=0)
 
 
-class _TestCaptureAll:
-    """Test-only output node: keeps whatever it is given in CAPTURED[key]."""
-
-    RETURN_TYPES = ()
-    FUNCTION = "capture"
-    CATEGORY = "testing"
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"key": ("STRING", {"default": ""})},
-                "optional": {"model": ("MODEL",), "base_model": ("MODEL",), "lora": ("LORA_MODEL",),
-                             "metrics": ("LOSS_MAP",), "image": ("IMAGE",), "base_image": ("IMAGE",),
-                             "curve": ("IMAGE",), "text": ("STRING", {"forceInput": True})}}
-
-    def capture(self, key, **values):
-        CAPTURED[key] = values
-        return {}
-
+CAPTURE_INPUTS = {"model": ("MODEL",), "base_model": ("MODEL",), "lora": ("LORA_MODEL",), "metrics": ("LOSS_MAP",),
+                  "image": ("IMAGE",), "base_image": ("IMAGE",), "curve": ("IMAGE",),
+                  "text": ("STRING", {"forceInput": True})}
 
 @pytest.fixture(scope="module")
 def engine(comfy_engine):
-    comfy_engine.nodes.NODE_CLASS_MAPPINGS["TestCaptureAll"] = _TestCaptureAll
+    comfy_engine.add_capture_node("TestCaptureAll", CAPTURED, CAPTURE_INPUTS)
     import folder_paths
 
     # SaveLoRA writes under output/; list output/loras among the LoRA folders so the stock loader can read it back.
