@@ -102,12 +102,28 @@ def test_sample_with_lora_loads_every_key_and_changes_the_image(comfy_server, tr
     assert max(np.abs(a - b).max() for a, b in zip(after, base, strict=True)) > 1
 
 
+def _get_json(server, path: str):
+    with urllib.request.urlopen(server.url + path, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def _post(server, path: str, payload: dict) -> dict:
     request = urllib.request.Request(server.url + path, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:
         body = response.read()
     return json.loads(body) if body else {}
+
+
+def _history(server, prompt_id: str, timeout: float = 60.0) -> dict:
+    """The prompt's history entry; ComfyUI writes it just after it sends the final websocket message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = _get_json(server, f"/history/{prompt_id}")
+        if prompt_id in entries:
+            return entries[prompt_id]
+        time.sleep(0.1)
+    raise AssertionError(f"no history for {prompt_id} after {timeout:.0f} s")
 
 
 def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_server_works(
@@ -159,7 +175,7 @@ def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_ser
     late_steps = [data for stamp, kind, data in events if kind == "progress" and stamp > interrupted_at
                   and data.get("node") == "12"]
     assert len(late_steps) <= 1, late_steps  # at most the denoising step that was running
-    history = json.loads(urllib.request.urlopen(f"{comfy_server.url}/history/{prompt_id}").read())[prompt_id]
+    history = _history(comfy_server, prompt_id)
     assert history["status"]["status_str"] == "error"
     checkpoint = load_checkpoint(latest_checkpoint(runs[0]))
     assert checkpoint.iteration >= 2 and checkpoint.lora
@@ -168,11 +184,6 @@ def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_ser
     again = run(comfy_server, "sde_vs_euler", tmp_path / "again")
     for first, second in zip(files_with(euler_run, "euler"), files_with(again, "euler"), strict=True):
         assert np.abs(pixels(first) - pixels(second)).max() <= 1
-
-
-def _get_json(server, path: str):
-    with urllib.request.urlopen(server.url + path, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def test_ui_workflows_are_the_api_workflows_for_this_comfyui_and_show_in_the_template_browser(comfy_server):
