@@ -22,6 +22,7 @@ from torch import nn
 from ..sfgrpo_core.atomic import atomic_save_safetensors
 from ..sfgrpo_core.lora import detach_lora, read_lora
 from ..sfgrpo_core.lora_formats import comfyui_to_diffusers
+from .sampler import require_flow_sampling
 from .types import PromptSet
 
 # Attention projections of ComfyUI's own module names (matched as suffixes), per diffusion model class: SD3/SD3.5
@@ -38,16 +39,10 @@ NATIVE_SUFFIXES = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", "
 
 def require_flow_patcher(patcher: Any, field: str = "model") -> None:
     """Raise ValueError naming ``field`` unless the MODEL is a rectified-flow model (CONST model sampling)."""
-    import comfy.model_sampling
-
-    sampling = model_sampling_of(patcher)
-    if not isinstance(sampling, comfy.model_sampling.CONST):
-        raise ValueError(f"{field}: Stepwise-Flow-GRPO trains flow-matching models (SD3/SD3.5, FLUX, ...); this "
-                         f"model's sampling is {type(sampling).__name__}, not rectified flow (CONST). Load a flow "
-                         "model, or remove the ModelSampling node that changed it")
+    require_flow_sampling(patched_model_sampling(patcher), field)
 
 
-def model_sampling_of(patcher: Any) -> Any:
+def patched_model_sampling(patcher: Any) -> Any:
     """The MODEL's sampling as it will run: with object patches (ModelSamplingSD3, ModelSamplingDiscrete, ...)
     applied, which ``patcher.model.model_sampling`` only shows once the patcher is loaded."""
     getter = getattr(patcher, "get_model_object", None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import types
 
 import torch
 from comfy_api.latest import io
@@ -20,8 +19,9 @@ from ..sfgrpo_core.broadcast import expand_like
 from ..sfgrpo_core.figures import message_image, step_reward_figure
 from ..sfgrpo_core.sde import SDE_NAMES
 from ..sfgrpo_core.tweedie import complete
+from .comfy_model import patched_model_sampling
 from .rewards import score_images
-from .sampler import STRENGTH_TOOLTIP, require_flow_model, sample_sfgrpo
+from .sampler import STRENGTH_TOOLTIP, require_flow_sampling, sample_sfgrpo
 from .types import CATEGORY as PACK_CATEGORY
 from .types import LoadedReward, Reward
 
@@ -153,8 +153,8 @@ class SFGRPOTweediePreview(io.ComfyNode):
             raise ValueError(f"substeps: must be at least 1, got {substeps}")
         if reward is not None and not isinstance(reward, LoadedReward):
             raise ValueError("reward: expected the output of Stepwise-Flow-GRPO Load Reward")
-        model_sampling = model.get_model_object("model_sampling")  # with patches such as ModelSamplingDiscrete
-        require_flow_model(types.SimpleNamespace(model_sampling=model_sampling))
+        model_sampling = patched_model_sampling(model)  # with patches such as ModelSamplingDiscrete
+        require_flow_sampling(model_sampling)
 
         latent = latent_image.copy()
         start = comfy.sample.fix_empty_latent_channels(model, latent["samples"])

@@ -39,14 +39,19 @@ def model_sampling_of(model) -> object | None:
     return None
 
 
-def require_flow_model(model) -> None:
-    """Raise ValueError unless ``model`` predicts a rectified-flow velocity (ComfyUI's CONST model sampling)."""
+def require_flow_sampling(sampling: object, field: str = "model") -> None:
+    """Raise ValueError naming ``field`` unless ``sampling`` is rectified flow (ComfyUI's CONST model sampling)."""
     import comfy.model_sampling
 
-    sampling = model_sampling_of(model)
     if not isinstance(sampling, comfy.model_sampling.CONST):
-        raise ValueError(f"the Stepwise-Flow-GRPO sampler needs a flow-matching model (SD3/SD3.5, FLUX, ...); this "
-                         f"model's sampling is {type(sampling).__name__}, not rectified flow (CONST)")
+        raise ValueError(f"{field}: Stepwise-Flow-GRPO needs a flow-matching model (SD3/SD3.5, FLUX, ...); this "
+                         f"model's sampling is {type(sampling).__name__}, not rectified flow (CONST). Load a flow "
+                         "model, or remove the ModelSampling node that changed it")
+
+
+def require_flow_model(model) -> None:
+    """Raise ValueError unless the sampler's ``model`` predicts a rectified-flow velocity."""
+    require_flow_sampling(model_sampling_of(model))
 
 
 def step_generators(seed: int | None, batch_size: int) -> list[torch.Generator]:

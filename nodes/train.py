@@ -19,12 +19,12 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..sfgrpo_core.atomic import atomic_save_safetensors
-from ..sfgrpo_core.checkpoint import latest_checkpoint
+from ..sfgrpo_core.checkpoint import checkpoint_iteration, latest_checkpoint
 from ..sfgrpo_core.config import Config, config_from_dict
 from ..sfgrpo_core.lora import lora_state_dict
 from ..sfgrpo_core.tracking import json_safe
 from ..sfgrpo_core.trainer import TrainHooks, train
-from .comfy_model import ComfyFlowModel, model_sampling_of, native_lora, require_flow_patcher, trainable
+from .comfy_model import ComfyFlowModel, native_lora, patched_model_sampling, require_flow_patcher, trainable
 from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward
 from .widgets import config_input
 
@@ -251,14 +251,15 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         if not isinstance(reward, LoadedReward):
             raise ValueError("reward: connect a Load Reward node")
         run_dir = run_folder(runs_root(), run_name, resume)
-        shift = float(getattr(model_sampling_of(model), "shift", 1.0))
+        shift = float(getattr(patched_model_sampling(model), "shift", 1.0))
         flow = ComfyFlowModel(model, vae, merge_prompts(prompts, eval_prompts), width=width, height=height,
                               lora_alpha=settings["alpha"], default_prompts=prompts.texts,
                               default_eval_prompts=eval_prompts.texts if eval_prompts else (),
                               decode_autocast=DECODE_AUTOCAST[reward_decode])
         config = build_config(settings, reward=reward, prompts=prompts, eval_prompts=eval_prompts, run_dir=run_dir,
                               device=str(flow.device), shift=shift)
-        start = _checkpoint_iteration(run_dir) if resume else 0
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        start = checkpoint_iteration(checkpoint) if checkpoint is not None else 0
         progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start,
                                     cls.hidden.unique_id if cls.hidden else None)
         hooks = TrainHooks(on_rollout_step=progress.on_rollout_step, on_iteration=progress.on_iteration)
@@ -272,11 +273,6 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         curve = reward_curve_image(result.run_dir / "reward_curve.png")
         return io.NodeOutput(trained_model, native, loss_map(result.records), curve, lora_name,
                              ui=ui.PreviewText(summary(result.records, result.run_dir, lora_name)))
-
-
-def _checkpoint_iteration(run_dir: Path) -> int:
-    checkpoint = latest_checkpoint(run_dir)
-    return int(checkpoint.name.rsplit("_", 1)[-1]) if checkpoint is not None else 0
 
 
 NODES = [SFGRPOTrainLoRA]

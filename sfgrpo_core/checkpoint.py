@@ -129,6 +129,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def checkpoint_iteration(path: str | Path) -> int:
+    """Iterations completed at a checkpoint folder (from its state.json; nothing else is read or restored)."""
+    return int(json.loads((Path(path) / "state.json").read_text())["iteration"])
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint folder (safetensors + JSON only) and restore the global RNG states."""
     path = Path(path)

@@ -179,7 +179,7 @@ def test_bad_inputs_give_errors_that_say_what_to_change(engine):
     non_flow["eps"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["unet", 0], "sampling": "eps",
                                                                          "zsnr": False}}
     non_flow["train"]["inputs"]["model"] = ["eps", 0]
-    assert _execution_error(engine, non_flow).startswith("model: Stepwise-Flow-GRPO trains flow-matching models")
+    assert _execution_error(engine, non_flow).startswith("model: Stepwise-Flow-GRPO needs a flow-matching model")
 
     empty = train_graph()
     empty["prompts"]["inputs"]["text"] = "\n# only a comment\n"

@@ -174,7 +174,9 @@ def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_ser
     assert "reward_mean" in records[0] and "loss" in records[0]
     late_steps = [data for stamp, kind, data in events if kind == "progress" and stamp > interrupted_at
                   and data.get("node") == "12"]
-    assert len(late_steps) <= 1, late_steps  # at most the denoising step that was running
+    # At most the denoising step that was running when the flag was set, plus the message of the step before it if
+    # the server had not sent it yet; a training that ignored Cancel would go on for the other ~800 steps.
+    assert len(late_steps) <= 2, late_steps
     history = _history(comfy_server, prompt_id)
     assert history["status"]["status_str"] == "error"
     checkpoint = load_checkpoint(latest_checkpoint(runs[0]))
