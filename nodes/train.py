@@ -22,7 +22,7 @@ from ..sfgrpo_core.atomic import atomic_save_safetensors
 from ..sfgrpo_core.checkpoint import checkpoint_iteration, latest_checkpoint
 from ..sfgrpo_core.config import Config, config_from_dict
 from ..sfgrpo_core.lora import lora_state_dict
-from ..sfgrpo_core.tracking import json_safe
+from ..sfgrpo_core.tracking import TRAINING_EVENT, json_safe
 from ..sfgrpo_core.trainer import TrainHooks, train
 from .comfy_model import ComfyFlowModel, native_lora, patched_model_sampling, require_flow_patcher, trainable
 from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward
@@ -115,12 +115,10 @@ def build_config(settings: dict[str, Any], *, reward: LoadedReward, prompts: Pro
     return config_from_dict(data)
 
 
-TRAINING_EVENT = "sfgrpo.training"
-
-
 class TrainingProgress:
     """ComfyUI's progress bar over every denoising step of every rollout, previewing one x0 estimate; after each
-    iteration, its metrics record goes to the page as a "sfgrpo.training" websocket event {"node", "record"}."""
+    iteration, its metrics record goes to the page as a "sfgrpo.training" websocket event {"node", "prompt_id",
+    "record"} (``sfgrpo run`` prints a line of it; the coming live training view plots it)."""
 
     def __init__(self, patcher: Any, steps: int, iterations: int, start_iteration: int, node_id: str | None):
         import latent_preview
@@ -137,7 +135,8 @@ class TrainingProgress:
         self.iteration = record["iteration"] + 1
         server = _prompt_server()
         if server is not None:
-            server.send_sync(TRAINING_EVENT, {"node": self.node_id, "record": json_safe(record)}, server.client_id)
+            event = {"node": self.node_id, "prompt_id": server.last_prompt_id, "record": json_safe(record)}
+            server.send_sync(TRAINING_EVENT, event, server.client_id)
 
 
 def _prompt_server() -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 from .atomic import atomic_write_bytes, atomic_write_text
 from .comfyui_server import ComfyServer, ComfyUIError
+from .tracking import TRAINING_EVENT
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -200,6 +201,8 @@ class _Progress:
         elif kind == "execution_interrupted":
             self.status = "interrupted"
             self.on_event(f"interrupted in {self._failed_node(data)}")
+        elif kind == TRAINING_EVENT and isinstance(data.get("record"), dict):
+            self.on_event(f"  {training_line(data['record'])}")
 
     def _failed_node(self, data: dict[str, Any]) -> str:
         """The node named by an execution_error or execution_interrupted event."""
@@ -214,6 +217,16 @@ class _Progress:
             return
         self._shown = (node, tenth)
         self.on_event(f"  [{'#' * tenth}{'.' * (10 - tenth)}] {value}/{total} {describe_node(self.workflow, node)}")
+
+
+def training_line(record: dict[str, Any]) -> str:
+    """One training iteration's metrics (a "sfgrpo.training" event of the trainer node) as a line."""
+    parts = [f"iteration {record.get('iteration')}"]
+    for key, label, spec in (("reward_mean", "reward", ".3f"), ("eval_reward_mean", "held-out", ".3f"),
+                             ("approx_kl", "kl", ".1e"), ("clip_fraction", "clipped", ".2f")):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{label} {record[key]:{spec}}")
+    return ", ".join(parts)
 
 
 def _stream_events(websocket: Any, prompt_id: str, progress: _Progress) -> None:

@@ -9,6 +9,10 @@ from typing import Any
 
 from .atomic import atomic_write_text
 
+TRAINING_EVENT = "sfgrpo.training"
+"""The websocket event the ComfyUI trainer node sends after each iteration: {"node", "prompt_id", "record"} with the
+iteration's metrics record (json_safe); ``sfgrpo run`` prints it and the live training view plots it."""
+
 
 class MetricsLog:
     """Append-only JSONL metrics of a run. Resuming at iteration i drops the records of iterations >= i, so a

@@ -23,8 +23,8 @@ SMALL_TRAINING = ("Train LoRA.iterations=2", "Train LoRA.group_size=2", "Train L
                   "Held-out Captions.per_category=1")
 
 
-def run(server, name: str, out_dir: Path, *overrides: str):
-    events: list[str] = []
+def run(server, name: str, out_dir: Path, *overrides: str, events: list[str] | None = None):
+    events = [] if events is None else events
     result = run_workflow(API_WORKFLOWS / f"{name}.json", server_url=server.url, overrides=overrides,
                           out_dir=out_dir, on_event=events.append)
     assert result.status == "success", "\n".join(events[-20:]) + "\n" + server.log_tail()
@@ -46,8 +46,14 @@ def euler_run(comfy_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def training_run(comfy_server, tmp_path_factory):
-    return run(comfy_server, "train_lora", tmp_path_factory.mktemp("train"), *SMALL_TRAINING)
+def training_events() -> list[str]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def training_run(comfy_server, tmp_path_factory, training_events):
+    return run(comfy_server, "train_lora", tmp_path_factory.mktemp("train"), *SMALL_TRAINING,
+               events=training_events)
 
 
 def test_every_example_workflow_is_tested_here():
@@ -75,6 +81,12 @@ def test_tweedie_preview_saves_the_estimate_grid_and_step_reward_curves(comfy_se
     height, width, _ = pixels(grid).shape
     assert (height, width) == (2 * 64, 9 * 64)  # 2 samples x (8 step estimates + the final image)
     assert pixels(curve).std() > 0
+
+
+def test_the_runner_prints_each_training_iteration(training_run, training_events):
+    lines = [line.strip() for line in training_events if line.strip().startswith("iteration ")]
+    assert [line.split(",")[0] for line in lines] == ["iteration 0", "iteration 1"], training_events
+    assert "reward " in lines[0] and "held-out " in lines[0] and "kl " in lines[0]
 
 
 def test_train_lora_writes_lora_curve_and_before_after_images(comfy_server, training_run):
