@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io, ui
 
-from ..sfgrpo_core.atomic import atomic_save_safetensors
+from ..sfgrpo_core.atomic import atomic_save_safetensors, atomic_write_text
 from ..sfgrpo_core.checkpoint import checkpoint_iteration, latest_checkpoint
 from ..sfgrpo_core.config import Config, config_from_dict
 from ..sfgrpo_core.lora import lora_state_dict
@@ -257,6 +257,12 @@ class SFGRPOTrainLoRA(io.ComfyNode):
                               decode_autocast=DECODE_AUTOCAST[reward_decode])
         config = build_config(settings, reward=reward, prompts=prompts, eval_prompts=eval_prompts, run_dir=run_dir,
                               device=str(flow.device), shift=shift)
+        lora_name = f"{RUNS_FOLDER}/{run_dir.name}.safetensors"
+        # What the run's config.json cannot hold: the node-only settings, for whoever resumes or reproduces it.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "comfyui.json", json.dumps({
+            "width": width, "height": height, "reward_decode": reward_decode, "resumed": resume,
+            "lora_name": lora_name}, indent=2) + "\n")
         checkpoint = latest_checkpoint(run_dir) if resume else None
         start = checkpoint_iteration(checkpoint) if checkpoint is not None else 0
         progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start,
@@ -265,7 +271,6 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         with trainable(flow):
             result = train(config, model=flow, reward=reward.reward, resume=resume, hooks=hooks)
             native = native_lora(lora_state_dict(flow.module), config.lora.alpha)
-        lora_name = f"{RUNS_FOLDER}/{run_dir.name}.safetensors"
         atomic_save_safetensors(native, loras_root() / lora_name, {"format": "comfyui", "sfgrpo_config":
                                                                     json.dumps(config.to_dict())})
         trained_model, _ = comfy.sd.load_lora_for_models(model, None, native, 1.0, 0)

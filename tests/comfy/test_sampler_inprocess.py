@@ -1,7 +1,8 @@
 """The SFGRPO sampler inside a real ComfyUI engine (in-process), on the committed mini world.
 
 The mini world's transformer loads through the stock UNETLoader and its TAESD through VAELoader; the conditioning
-comes from its text encoder through a test-only node. The sampler must match the trainer's own rollout.
+comes from the pack's Mini World Text Encoder through the stock CLIPTextEncode. The sampler must match the trainer's
+own rollout.
 """
 
 import pytest
@@ -19,23 +20,6 @@ SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # ComfyUI's SD3 latent format: model late
 CAPTURED: dict[str, dict] = {}
 
 
-class _TestConditioning:
-    """Test-only node: SD3 CONDITIONING of a prompt from the mini world's text encoder."""
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
-    world = None
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"prompt": ("STRING", {"default": PROMPT})}}
-
-    def encode(self, prompt):
-        condition = self.world.encode_prompts([prompt])
-        return ([[condition["context"], {"pooled_output": condition["pooled"]}]],)
-
-
 @pytest.fixture(scope="module")
 def world():
     """The committed mini world as the trainer sees it (sfgrpo_core.models.build("miniworld"))."""
@@ -43,11 +27,9 @@ def world():
 
 
 @pytest.fixture(scope="module")
-def engine(comfy_engine, world):
-    """The session's ComfyUI engine with the two test-only nodes registered, on one torch thread for this module:
-    the mini world's tensors are tiny, and two threads on a busy 2-core machine made each step ~30x slower."""
-    _TestConditioning.world = world
-    comfy_engine.nodes.NODE_CLASS_MAPPINGS["TestConditioning"] = _TestConditioning
+def engine(comfy_engine):
+    """The session's ComfyUI engine with a test-only capture node, on one torch thread for this module: the mini
+    world's tensors are tiny, and two threads on a busy 2-core machine made each step ~30x slower."""
     comfy_engine.add_capture_node("TestCapture", CAPTURED, {"latent": ("LATENT",), "image": ("IMAGE",),
                                                            "sigmas": ("SIGMAS",)})
     threads = torch.get_num_threads()
@@ -62,7 +44,8 @@ def _graph(sampler: dict, *, model_sampling: str | None = None, decode: bool = F
     prompt = {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "mini_sd3_transformer.safetensors",
                                                         "weight_dtype": "default"}},
-        "pos": {"class_type": "TestConditioning", "inputs": {"prompt": PROMPT}},
+        "clip": {"class_type": "SFGRPOMiniWorldTextEncoder", "inputs": {}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": PROMPT}},
         "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
         "empty": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "simple",

@@ -96,6 +96,7 @@ def trained(engine) -> dict:
 def test_training_writes_its_run_folder_and_lora_file(engine, trained):
     run_dir = engine.root / "output" / "sfgrpo" / "test_run_00001"
     assert trained["text"] == "sfgrpo/test_run_00001.safetensors"
+    assert json.loads((run_dir / "comfyui.json").read_text())["reward_decode"] == "vae dtype"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["group_size"] == 3 and config["credit"]["method"] == "stepwise"
     assert config["sampler"]["shift"] == pytest.approx(3.0)  # taken from the model's own sampling
