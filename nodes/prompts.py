@@ -96,20 +96,10 @@ class MiniWorldCLIP:
 @functools.cache
 def mini_world_text_encoder():
     """The committed mini world's text encoder (float32, frozen), loaded once."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from ..sfgrpo_core.miniworld.build import TEXT_ENCODER_FILE
-    from ..sfgrpo_core.miniworld.text import MiniTextEncoder
+    from ..sfgrpo_core.miniworld.text import load_text_encoder
 
-    path = str(WEIGHTS_DIR / TEXT_ENCODER_FILE)
-    import json
-
-    with safe_open(path, framework="pt") as handle:
-        config = json.loads(handle.metadata()["config"])
-    encoder = MiniTextEncoder(**config)
-    encoder.load_state_dict(load_file(path))
-    return encoder.train(False).requires_grad_(False)
+    return load_text_encoder(WEIGHTS_DIR / TEXT_ENCODER_FILE)
 
 
 class SFGRPOMiniWorldTextEncoder(io.ComfyNode):

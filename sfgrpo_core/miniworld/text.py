@@ -8,7 +8,9 @@ classifier-free guidance is the same inside and outside ComfyUI.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,3 +76,16 @@ class MiniTextEncoder(nn.Module):
         device = self.position.device
         context, pooled = self(tokenize(prompts).to(device))
         return {"context": context, "pooled": pooled}
+
+
+def load_text_encoder(path: str | Path) -> MiniTextEncoder:
+    """A MiniTextEncoder from a safetensors file whose metadata holds its config (as the build writes it); float32,
+    frozen, in inference layout (train(False))."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        config = json.loads(handle.metadata()["config"])
+    encoder = MiniTextEncoder(**config)
+    encoder.load_state_dict(load_file(str(path)))
+    return encoder.train(False).requires_grad_(False)

@@ -15,7 +15,7 @@ from ..models.diffusers_backend import DiffusersFlowModel
 from .build import TEXT_ENCODER_FILE, TRANSFORMER_FILE, VAE_DIFFUSERS_DIR, WEIGHTS_DIR
 from .denoiser import LATENT_CHANNELS, LATENT_SIZE, heldout_prompt_set
 from .scenes import train_prompts
-from .text import MiniTextEncoder
+from .text import MiniTextEncoder, load_text_encoder
 
 
 def load_components(weights_dir: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, MiniTextEncoder, Any]:
@@ -33,10 +33,7 @@ def load_components(weights_dir: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, M
     # Type checkers resolve `from diffusers import ...` to diffusers' torch-less dummy classes, not nn.Modules.
     transformer = cast(nn.Module, SD3Transformer2DModel(**config))
     transformer.load_state_dict({k: v.float() for k, v in load_file(str(weights_dir / TRANSFORMER_FILE)).items()})
-    with safe_open(str(weights_dir / TEXT_ENCODER_FILE), framework="pt") as handle:
-        text_config = json.loads(handle.metadata()["config"])
-    text_encoder = MiniTextEncoder(**text_config)
-    text_encoder.load_state_dict(load_file(str(weights_dir / TEXT_ENCODER_FILE)))
+    text_encoder = load_text_encoder(weights_dir / TEXT_ENCODER_FILE)
     vae = AutoencoderTiny.from_pretrained(str(weights_dir / VAE_DIFFUSERS_DIR), torch_dtype=torch.float32)
     for module in (transformer, text_encoder, vae):
         module.train(False).requires_grad_(False)
