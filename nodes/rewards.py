@@ -13,6 +13,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..sfgrpo_core import rewards
+from ..sfgrpo_core.images import to_uint8
 from .prompts import prompt_lines
 from .types import CATEGORY as PACK_CATEGORY
 from .types import LoadedReward, Reward
@@ -45,14 +46,6 @@ def load_reward(name: str, options: str) -> LoadedReward:
     return LoadedReward(name=name, options_json=json.dumps(parsed, sort_keys=True), reward=reward)
 
 
-def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE (float [B, H, W, 3] in 0..1) -> uint8 [B, H, W, 3] on the CPU, as round(x * 255) clamped.
-
-    The trainer's decoded images go through the same conversion, so rewards see the same pixels in both places.
-    """
-    return (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
-
-
 def score_images(loaded: LoadedReward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Scores [B] float32 of IMAGE ``images`` with one prompt each; NaN where the reward could not score an image.
 
@@ -61,7 +54,7 @@ def score_images(loaded: LoadedReward, images: torch.Tensor, prompts: list[str])
             prompt-aware reward given prompts it does not understand).
     """
     try:
-        return rewards.score(loaded.reward, images_to_uint8(images), prompts)
+        return rewards.score(loaded.reward, to_uint8(images), prompts)
     except rewards.RewardError as error:
         raise ValueError(f"reward: {loaded.name!r} could not score any of the {len(prompts)} images ({error}); "
                          f"check that the prompts are ones this reward understands") from None

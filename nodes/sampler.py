@@ -1,7 +1,7 @@
 """The Stepwise-Flow-GRPO samplers as a ComfyUI SAMPLER and as names in the stock KSampler's list.
 
-Every step calls the trainer's own step function (``sfgrpo_core.sde.get_step_function``), so an image sampled in
-ComfyUI follows exactly the policy the trainer optimises. Imported only inside ComfyUI (it needs comfy_api).
+Every step calls the trainer's own step function (``sfgrpo_core.algorithm.sde.get_step_function``), so an image
+sampled in ComfyUI follows exactly the policy the trainer optimises. Imported only inside ComfyUI (it needs comfy_api).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..sfgrpo_core.sde import SDE_NAMES, get_step_function
-from ..sfgrpo_core.seeding import derive_seed
+from ..sfgrpo_core.algorithm.sde import SDE_NAMES, get_step_function
+from ..sfgrpo_core.seeding import derive_seed, member_generators, member_noise
 from .types import CATEGORY as PACK_CATEGORY
 
 CATEGORY = f"{PACK_CATEGORY}/sampling"
@@ -59,13 +59,7 @@ def step_generators(seed: int | None, batch_size: int) -> list[torch.Generator]:
 
     A sample's step noise depends only on (seed, its index), as a trainer member's depends only on its seed.
     """
-    return [torch.Generator().manual_seed(derive_seed(seed or 0, index, "steps")) for index in range(batch_size)]
-
-
-def draw_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise [B, ...] shaped like ``like``, row b from ``generators[b]``, on ``like``'s device."""
-    rows = [torch.randn(like.shape[1:], generator=generator) for generator in generators]
-    return torch.stack(rows).to(like.device)
+    return member_generators([derive_seed(seed or 0, index, "steps") for index in range(batch_size)])
 
 
 @torch.no_grad()
@@ -104,7 +98,7 @@ def sample_sfgrpo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
             x = denoised
             continue
         velocity = (x - denoised) / sigma
-        x = step(x, velocity, sigma, sigma_next, noise=draw_noise(generators, x)).prev_sample.to(x.dtype)
+        x = step(x, velocity, sigma, sigma_next, noise=member_noise(generators, x)).prev_sample.to(x.dtype)
     return x
 
 

@@ -10,8 +10,6 @@ also written under the first "loras" model folder, so LoraLoaderModelOnly lists 
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +17,18 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..sfgrpo_core.atomic import atomic_save_safetensors, atomic_write_text
-from ..sfgrpo_core.checkpoint import checkpoint_iteration, latest_checkpoint
 from ..sfgrpo_core.config import Config, config_from_dict
-from ..sfgrpo_core.lora import lora_state_dict
-from ..sfgrpo_core.tracking import TRAINING_EVENT, json_safe
-from ..sfgrpo_core.trainer import TrainHooks, train
+from ..sfgrpo_core.lora.adapters import lora_state_dict
+from ..sfgrpo_core.training.checkpoint import checkpoint_iteration, latest_checkpoint
+from ..sfgrpo_core.training.metrics import TRAINING_EVENT, json_safe
+from ..sfgrpo_core.training.runs import loss_map, run_folder, summary
+from ..sfgrpo_core.training.trainer import TrainHooks, train
 from .comfy_model import ComfyFlowModel, native_lora, patched_model_sampling, require_flow_patcher, trainable
-from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward
+from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward, image_tensor
 from .widgets import config_input
 
 RUNS_FOLDER = "sfgrpo"
 DECODE_AUTOCAST = {"vae dtype": None, "bfloat16 autocast": torch.bfloat16}
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 # (widget id, config section, config field, node default or None for the config's own default)
 SETTINGS = (
@@ -67,27 +65,6 @@ def loras_root() -> Path:
     import folder_paths
 
     return Path(folder_paths.get_folder_paths("loras")[0])
-
-
-def run_folder(root: Path, run_name: str, resume: bool) -> Path:
-    """``root/<run_name>_NNNNN``: the next free number for a new run, the newest one holding a checkpoint to resume.
-
-    Raises:
-        ValueError: naming run_name (not a plain folder name) or resume (nothing to resume).
-    """
-    if not RUN_NAME.match(run_name) or ".." in run_name:
-        raise ValueError(f"run_name: {run_name!r} is not a plain folder name; use letters, digits, '_', '-' and '.'")
-    candidates = root.glob(f"{run_name}_*") if root.is_dir() else []
-    numbered = sorted((int(match.group(1)), path) for path in candidates
-                      if (match := re.fullmatch(re.escape(run_name) + r"_(\d{5})", path.name)))
-    if resume:
-        resumable = [path for _, path in numbered if latest_checkpoint(path) is not None]
-        if not resumable:
-            raise ValueError(f"resume: there is no run named {run_name!r} with a checkpoint in {root}; turn resume "
-                             "off to start a new run, or give the run_name of the run to continue")
-        return resumable[-1]
-    number = numbered[-1][0] + 1 if numbered else 1
-    return root / f"{run_name}_{number:05d}"
 
 
 def merge_prompts(*sets: PromptSet | None) -> PromptSet:
@@ -146,39 +123,6 @@ def _prompt_server() -> Any:
     except ImportError:
         return None
     return getattr(PromptServer, "instance", None)
-
-
-def reward_curve_image(path: Path) -> torch.Tensor:
-    """The run's reward_curve.png as an IMAGE [1, H, W, 3] in 0..1."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(pixels)[None]
-
-
-def loss_map(records: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """LOSS_MAP for the stock loss graph ("loss") plus the other per-iteration series."""
-    keys = ("loss", "reward_mean", "approx_kl", "clip_fraction", "zero_std_ratio")
-    series = {key: [float(r[key]) for r in records if key in r and "loss" in r] for key in keys}
-    series["eval_reward_mean"] = [float(r["eval_reward_mean"]) for r in records if "eval_reward_mean" in r]
-    return series
-
-
-def summary(records: list[dict[str, Any]], run_dir: Path, lora_name: str) -> str:
-    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
-    evals = [r["eval_reward_mean"] for r in records if "eval_reward_mean" in r]
-    lines = [f"run folder: {run_dir}", f"LoRA: {lora_name} (Load LoRA lists it)"]
-    if rewards:
-        lines.append(f"train reward: {_fmt(rewards[0])} -> {_fmt(rewards[-1])} over {len(rewards)} iterations")
-    if evals:
-        lines.append(f"held-out reward: {_fmt(evals[0])} -> {_fmt(evals[-1])}")
-    return "\n".join(lines)
-
-
-def _fmt(value: float) -> str:
-    return "missing" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 class SFGRPOTrainLoRA(io.ComfyNode):
@@ -274,8 +218,8 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         atomic_save_safetensors(native, loras_root() / lora_name, {"format": "comfyui", "sfgrpo_config":
                                                                     json.dumps(config.to_dict())})
         trained_model, _ = comfy.sd.load_lora_for_models(model, None, native, 1.0, 0)
-        curve = reward_curve_image(result.run_dir / "reward_curve.png")
-        return io.NodeOutput(trained_model, native, loss_map(result.records), curve, lora_name,
+        return io.NodeOutput(trained_model, native, loss_map(result.records), image_tensor(result.reward_curve),
+                             lora_name,
                              ui=ui.PreviewText(summary(result.records, result.run_dir, lora_name)))
 
 

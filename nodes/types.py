@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from comfy_api.latest import io
 
 CATEGORY = "Stepwise-Flow-GRPO"
@@ -44,3 +45,8 @@ class LoadedReward:
     name: str
     options_json: str
     reward: Any
+
+
+def image_tensor(rgb: Any) -> torch.Tensor:
+    """uint8 [H, W, 3] array (a figure) -> ComfyUI IMAGE [1, H, W, 3] float32 in 0..1."""
+    return torch.from_numpy(rgb).float().div(255).unsqueeze(0)

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config (defaults + file + flags) as YAML")
     show.add_argument("config", nargs="?", help="YAML or JSON config file")
     _add_config_flags(show)
-    from .demo import add_demo_arguments
-    from .runner import add_run_arguments
+    from .headless.demo import add_demo_arguments
+    from .headless.runner import add_run_arguments
 
     run = commands.add_parser("run", help="run an API-format ComfyUI workflow headless and download its outputs")
     add_run_arguments(run)
@@ -70,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "miniworld":
         return _miniworld(args)
     if args.command == "run":
-        from .runner import run_from_args
+        from .headless.runner import run_from_args
 
         return run_from_args(args)
     if args.command == "demo":
-        from .demo import demo_from_args
+        from .headless.demo import demo_from_args
 
         return demo_from_args(args)
     try:
@@ -85,13 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
         if args.command == "diagnose":
-            from .diagnose import diagnose
+            from .training.diagnose import diagnose
 
             checks = diagnose(config)
             for check in checks:
                 print(check.line())
             return 0 if all(check.passed for check in checks) else 1
-        from .trainer import train
+        from .training.trainer import train
 
         result = train(config, resume=args.resume, progress=True)
     except ConfigError as error:

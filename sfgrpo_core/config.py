@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .sde import SDE_NAMES
+from .algorithm.sde import SDE_NAMES
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -19,3 +20,16 @@ def derive_seed(seed: int, *parts: object) -> int:
 def generator(seed: int, *parts: object, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator seeded with ``derive_seed(seed, *parts)``."""
     return torch.Generator(device=device).manual_seed(derive_seed(seed, *parts))
+
+
+def member_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per batch member, seeded with ``seeds[b]``: a member's noise then depends on its seed alone,
+    not on which other members share the batch."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def member_noise(generators: Sequence[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` [B, ...], row b drawn from ``generators[b]``, on ``like``'s
+    device."""
+    rows = [torch.randn(like.shape[1:], generator=generator) for generator in generators]
+    return torch.stack(rows).to(like.device)

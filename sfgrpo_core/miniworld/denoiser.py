@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..schedule import flow_sigmas
+from ..algorithm.schedule import flow_sigmas
 from .autoencoder import scene_batch
 from .scenes import CATEGORIES, sample_scene
 from .text import MiniTextEncoder, tokenize

@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..images import to_uint8
 from .base import register_backend
 
 # The attention projections of every block, Flow-GRPO's LoRA targets. The names are matched as suffixes, so in
@@ -72,8 +73,7 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
 
 def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
     """VAE output [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], quantized as diffusers' VaeImageProcessor does."""
-    pixels = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return to_uint8(images.float() / 2 + 0.5).permute(0, 2, 3, 1).contiguous()
 
 
 class DiffusersFlowModel:
@@ -170,7 +170,7 @@ class DiffusersFlowModel:
         Raises:
             ValueError: when an adapted module has no ComfyUI counterpart (the diffusers file is written first).
         """
-        from ..lora_formats import export_lora
+        from ..lora.formats import export_lora
 
         folder = Path(lora_path).parent
         diffusers_file = export_lora(lora_path, folder / "lora_diffusers.safetensors", format="diffusers")

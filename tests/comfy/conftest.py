@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sfgrpo_core.comfyui_server import ComfyServer, ComfyUIError, ensure_comfyui
+from sfgrpo_core.headless.server import ComfyServer, ComfyUIError, ensure_comfyui
 
 
 @pytest.fixture(scope="session")

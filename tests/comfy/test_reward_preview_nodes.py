@@ -281,7 +281,7 @@ def test_substeps_refine_early_estimates_only(previews):
 
 
 def test_reward_curve_has_its_size_and_depends_on_the_reward(previews):
-    from sfgrpo_core.figures import MESSAGE_SIZE, STEP_FIGURE_SIZE
+    from sfgrpo_core.training.figures import MESSAGE_SIZE, STEP_FIGURE_SIZE
 
     geneval, jpeg = previews["geneval"]["curve"], previews["jpeg"]["curve"]
     for curve in (geneval, jpeg):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sfgrpo_core.runner import (
+from sfgrpo_core.headless.runner import (
     RunResult,
     WorkflowError,
     _Progress,
@@ -120,10 +120,10 @@ def test_execution_error_exits_1_naming_the_node(comfy_server, tmp_path, capsys)
 
 
 def test_cli_module_with_start_server(tmp_path, comfyui):
-    """``python -m sfgrpo_core.runner --start-server``: its own ComfyUI, started and stopped for the run."""
+    """``python -m sfgrpo_core.headless.runner --start-server``: its own ComfyUI, started and stopped for the run."""
     out = tmp_path / "out"
-    completed = subprocess.run([sys.executable, "-m", "sfgrpo_core.runner", str(SCALE_AND_SAVE), "--start-server",
-                                "--set", "Empty Image.color=255", "--out", str(out)],
+    completed = subprocess.run([sys.executable, "-m", "sfgrpo_core.headless.runner", str(SCALE_AND_SAVE),
+                                "--start-server", "--set", "Empty Image.color=255", "--out", str(out)],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "success: 1 file(s)" in completed.stdout  # PreviewAny's text goes to outputs.json

@@ -8,10 +8,10 @@ own rollout.
 import pytest
 import torch
 
+from sfgrpo_core.algorithm.sde import get_step_function
 from sfgrpo_core.models import build
-from sfgrpo_core.rollout import PromptBatch, rollout
-from sfgrpo_core.sde import get_step_function
 from sfgrpo_core.seeding import derive_seed
+from sfgrpo_core.training.rollout import PromptBatch, rollout
 
 PROMPT = "a red circle"
 SEED = 7

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sfgrpo_core.checkpoint import latest_checkpoint, load_checkpoint
-from sfgrpo_core.runner import load_workflow, run_workflow
+from sfgrpo_core.headless.runner import load_workflow, run_workflow
+from sfgrpo_core.training.checkpoint import latest_checkpoint, load_checkpoint
 
 API_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
 # The training workflow at test size: a couple of tiny iterations instead of the demo's 40.
@@ -201,14 +201,15 @@ def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_ser
 
 
 def test_ui_workflows_are_the_api_workflows_for_this_comfyui_and_show_in_the_template_browser(comfy_server):
-    from sfgrpo_core.workflow_format import api_to_ui, dumps_workflow, ui_to_api
+    from sfgrpo_core.headless.workflow_format import api_to_ui, dumps_workflow, ui_to_api
 
     object_info = _get_json(comfy_server, "/object_info")
     ui_folder = API_WORKFLOWS.parent
     for api_file in sorted(API_WORKFLOWS.glob("*.json")):
         api = json.loads(api_file.read_text())
         committed = (ui_folder / api_file.name).read_text()
-        # Regenerate with: python -m sfgrpo_core.workflow_format OBJECT_INFO workflows/api/*.json --out-dir workflows
+        # Regenerate with:
+        # python -m sfgrpo_core.headless.workflow_format OBJECT_INFO workflows/api/*.json --out-dir workflows
         assert dumps_workflow(api_to_ui(api, object_info)) == committed, f"{api_file.name}: UI file is stale"
         assert ui_to_api(json.loads(committed), object_info) == api
     templates = _get_json(comfy_server, "/workflow_templates")

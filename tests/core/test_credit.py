@@ -2,7 +2,7 @@
 
 import torch
 
-from sfgrpo_core import credit
+from sfgrpo_core.algorithm import advantages as credit
 
 
 def _rewards(n=6, steps=5, seed=0):

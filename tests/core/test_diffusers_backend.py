@@ -2,14 +2,15 @@
 diffusers LoRA round trip (everything CPU, float32, built from configs: no downloads)."""
 
 import pytest
+import tiny_models as tiny
 import torch
 from safetensors.torch import load_file
 
-from sfgrpo_core import models, trainer
+from sfgrpo_core import models
+from sfgrpo_core.algorithm.sde import sde_step
 from sfgrpo_core.config import Config
-from sfgrpo_core.lora import save_lora
-from sfgrpo_core.lora_formats import export_lora
-from sfgrpo_core.models import tiny
+from sfgrpo_core.lora.adapters import save_lora
+from sfgrpo_core.lora.formats import export_lora
 from sfgrpo_core.models.diffusers_backend import (
     DiffusersFlowModel,
     load_pipeline_model,
@@ -18,7 +19,7 @@ from sfgrpo_core.models.diffusers_backend import (
     pipeline_prompt_encoder,
     unpack_latents,
 )
-from sfgrpo_core.sde import ode_step
+from sfgrpo_core.training import trainer
 
 PROMPTS = ["a red cube", "two blue spheres"]
 TOKENS = 8  # T5 tokens per prompt
@@ -54,7 +55,7 @@ def test_euler_steps_on_our_velocity_reproduce_the_diffusers_pipeline(architectu
         for k in range(len(grid) - 1):
             velocity = model.velocity(x, grid[k].expand(2), condition)
             assert velocity.dtype == torch.float32 and velocity.shape == x.shape
-            x = ode_step(x, velocity, grid[k], grid[k + 1]).prev_sample
+            x = sde_step("ode", x, velocity, grid[k], grid[k + 1], strength=0.0).prev_sample
     torch.testing.assert_close(x, expected.float())
     images = model.decode(x)
     assert images.dtype == torch.uint8 and images.shape == (2, 16, 16, 3)

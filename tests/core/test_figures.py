@@ -1,9 +1,10 @@
-"""sfgrpo_core.figures: the step-reward figure is a real RGB image that depends on its data and tolerates NaN."""
+"""sfgrpo_core.training.figures: the step-reward figure is a real RGB image that depends on its data and
+tolerates NaN."""
 
 import numpy as np
 import pytest
 
-from sfgrpo_core.figures import MESSAGE_SIZE, STEP_FIGURE_SIZE, message_image, step_reward_figure
+from sfgrpo_core.training.figures import MESSAGE_SIZE, STEP_FIGURE_SIZE, message_image, step_reward_figure
 
 SIGMAS = np.array([1.0, 0.8, 0.55, 0.3, 0.1, 0.0])
 REWARDS = np.array([[0.1, 0.2, 0.15, 0.5, 0.6, 0.6],

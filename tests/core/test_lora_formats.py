@@ -1,11 +1,12 @@
 """LoRA export formats: exact weight deltas after fusing q/k/v for ComfyUI, key names, alpha, and diffusers' loader."""
 
 import pytest
+import tiny_models as tiny
 import torch
 from safetensors import safe_open
 
-from sfgrpo_core.lora import attach_lora, lora_state_dict, save_lora
-from sfgrpo_core.lora_formats import (
+from sfgrpo_core.lora.adapters import attach_lora, lora_state_dict, save_lora
+from sfgrpo_core.lora.formats import (
     comfyui_module,
     comfyui_to_diffusers,
     diffusers_modules,
@@ -13,7 +14,6 @@ from sfgrpo_core.lora_formats import (
     to_comfyui,
     to_diffusers,
 )
-from sfgrpo_core.models import tiny
 
 HIDDEN = 16
 CONFIG = {"num_attention_heads": 2, "attention_head_dim": HIDDEN // 2}

@@ -2,7 +2,7 @@
 
 import torch
 
-from sfgrpo_core import losses
+from sfgrpo_core.algorithm import losses
 
 
 def test_on_policy_loss_is_minus_mean_advantage_and_gradient_is_advantage():

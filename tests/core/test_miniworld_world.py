@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sfgrpo_core import models, rewards
+from sfgrpo_core.algorithm.schedule import flow_sigmas
+from sfgrpo_core.algorithm.sde import get_step_function
 from sfgrpo_core.config import load_config
-from sfgrpo_core.rollout import make_prompt_batch, rollout
-from sfgrpo_core.schedule import flow_sigmas
-from sfgrpo_core.sde import get_step_function
+from sfgrpo_core.training.rollout import make_prompt_batch, rollout
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def test_samples_decode_to_images_and_score(world):
 
 
 def test_a_short_run_trains_a_lora_that_changes_samples(tmp_path, request):
-    from sfgrpo_core.lora import adapter_disabled
-    from sfgrpo_core.trainer import train
+    from sfgrpo_core.lora.adapters import adapter_disabled
+    from sfgrpo_core.training.trainer import train
 
     config = load_config(request.config.rootpath / "configs" / "miniworld.yaml").replace(**{
         "train.output_dir": str(tmp_path / "run"), "train.prompts": ["a red circle", "a green square"],

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sfgrpo_core import sde
-from sfgrpo_core.schedule import flow_sigmas
+from sfgrpo_core.algorithm import sde
+from sfgrpo_core.algorithm.schedule import flow_sigmas
 
 
 def _state(batch=4, shape=(3, 5, 5), seed=0):
@@ -27,10 +27,10 @@ def test_zero_noise_is_the_euler_step(t, s):
     x, velocity, noise = _state()
     euler = x + (s - t) * velocity
     for step in (
-        sde.flow_grpo_step(x, velocity, t, s, noise_level=0.0, noise=noise),
-        sde.ddim_step(x, velocity, t, s, eta=0.0, noise=noise),
-        sde.cps_step(x, velocity, t, s, eta=0.0, noise=noise),
-        sde.ode_step(x, velocity, t, s),
+        sde.sde_step("flow_grpo", x, velocity, t, s, strength=0.0, noise=noise),
+        sde.sde_step("ddim", x, velocity, t, s, strength=0.0, noise=noise),
+        sde.sde_step("cps", x, velocity, t, s, strength=0.0, noise=noise),
+        sde.sde_step("ode", x, velocity, t, s, strength=0.7, noise=noise),
     ):
         torch.testing.assert_close(step.prev_sample, euler, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(step.mean, euler, atol=1e-6, rtol=1e-6)
@@ -40,7 +40,7 @@ def test_zero_noise_is_the_euler_step(t, s):
 def test_flow_grpo_mean_and_std_follow_the_equations():
     x, velocity, noise = _state()
     t, s, a = 0.7073, 0.6022, 0.7
-    step = sde.flow_grpo_step(x, velocity, t, s, noise_level=a, noise=noise)
+    step = sde.sde_step("flow_grpo", x, velocity, t, s, strength=a, noise=noise)
     std_t = a * math.sqrt(t / (1 - t))
     mean = x + (s - t) * (velocity + std_t**2 / (2 * t) * (x + (1 - t) * velocity))
     torch.testing.assert_close(step.mean, mean)
@@ -50,7 +50,7 @@ def test_flow_grpo_mean_and_std_follow_the_equations():
 
 def test_flow_grpo_at_t_one_uses_the_next_grid_value():
     x, velocity, noise = _state()
-    step = sde.flow_grpo_step(x, velocity, 1.0, 0.9601, noise_level=0.7, noise=noise)
+    step = sde.sde_step("flow_grpo", x, velocity, 1.0, 0.9601, strength=0.7, noise=noise)
     assert torch.isfinite(step.prev_sample).all() and torch.isfinite(step.log_prob).all()
     expected_std = 0.7 * math.sqrt(1.0 / (1 - 0.9601)) * math.sqrt(1 - 0.9601)
     torch.testing.assert_close(step.std, torch.full((4,), expected_std))
@@ -59,7 +59,7 @@ def test_flow_grpo_at_t_one_uses_the_next_grid_value():
 def test_ddim_mean_and_std_follow_the_equations():
     x, velocity, noise = _state()
     t, s, eta = 0.7904, 0.7073, 0.7
-    step = sde.ddim_step(x, velocity, t, s, eta=eta, noise=noise)
+    step = sde.sde_step("ddim", x, velocity, t, s, strength=eta, noise=noise)
     sigma_t = eta * s * math.sqrt(1 - t)
     x0_hat, x1_hat = x - t * velocity, x + (1 - t) * velocity
     mean = (1 - s) * x0_hat + math.sqrt(s**2 - sigma_t**2) * x1_hat
@@ -70,7 +70,7 @@ def test_ddim_mean_and_std_follow_the_equations():
 
 def test_cps_std():
     x, velocity, noise = _state()
-    step = sde.cps_step(x, velocity, 0.6022, 0.4649, eta=0.5, noise=noise)
+    step = sde.sde_step("cps", x, velocity, 0.6022, 0.4649, strength=0.5, noise=noise)
     torch.testing.assert_close(step.std, torch.full((4,), 0.4649 * math.sin(0.25 * math.pi)))
 
 
@@ -84,19 +84,10 @@ def test_log_prob_is_normal_log_density_averaged(name, strength):
     torch.testing.assert_close(step.log_prob, expected)
 
 
-@pytest.mark.parametrize("name,strength", [("ddim", 0.7), ("flow_grpo", 0.7), ("cps", 0.5)])
-def test_scoring_a_recorded_step_gives_ratio_one(name, strength):
-    x, velocity, _ = _state()
-    step_fn = sde.get_step_function(name, strength)
-    drawn = step_fn(x, velocity, 0.4649, 0.2780)
-    rescored = step_fn(x, velocity, 0.4649, 0.2780, prev_sample=drawn.prev_sample)
-    torch.testing.assert_close(torch.exp(rescored.log_prob - drawn.log_prob), torch.ones(4), atol=1e-6, rtol=0)
-
-
 def test_ddim_deterministic_steps_are_masked_never_nan():
     x, velocity, noise = _state()
     for t, s in ((1.0, 0.9601), (0.0089, 0.0)):
-        step = sde.ddim_step(x, velocity, t, s, eta=0.7, noise=noise)
+        step = sde.sde_step("ddim", x, velocity, t, s, strength=0.7, noise=noise)
         assert (step.std == 0).all()
         assert not step.trainable.any()
         assert torch.isfinite(step.log_prob).all() and (step.log_prob == 0).all()
@@ -107,10 +98,10 @@ def test_per_sample_sigmas_match_scalar_calls():
     x, velocity, noise = _state()
     sigmas = torch.tensor([0.9601, 0.7073, 0.4649, 0.2780])
     nexts = torch.tensor([0.9133, 0.6022, 0.2780, 0.0089])
-    batched = sde.ddim_step(x, velocity, sigmas, nexts, eta=0.7, noise=noise)
+    batched = sde.sde_step("ddim", x, velocity, sigmas, nexts, strength=0.7, noise=noise)
     for i in range(4):
-        single = sde.ddim_step(x[i : i + 1], velocity[i : i + 1], float(sigmas[i]), float(nexts[i]), eta=0.7,
-                               noise=noise[i : i + 1])
+        single = sde.sde_step("ddim", x[i : i + 1], velocity[i : i + 1], float(sigmas[i]), float(nexts[i]),
+                              strength=0.7, noise=noise[i : i + 1])
         torch.testing.assert_close(batched.prev_sample[i : i + 1], single.prev_sample)
         torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob)
 
@@ -118,15 +109,15 @@ def test_per_sample_sigmas_match_scalar_calls():
 def test_log_prob_gradient_flows_to_velocity_only_through_mean():
     x, velocity, noise = _state()
     velocity.requires_grad_(True)
-    recorded = sde.ddim_step(x, velocity.detach(), 0.6022, 0.4649, eta=0.7, noise=noise).prev_sample
-    step = sde.ddim_step(x, velocity, 0.6022, 0.4649, eta=0.7, prev_sample=recorded)
+    recorded = sde.sde_step("ddim", x, velocity.detach(), 0.6022, 0.4649, strength=0.7, noise=noise).prev_sample
+    step = sde.sde_step("ddim", x, velocity, 0.6022, 0.4649, strength=0.7, prev_sample=recorded)
     step.log_prob.sum().backward()
     assert torch.isfinite(velocity.grad).all() and velocity.grad.abs().sum() > 0
 
 
 def test_float32_inside_for_half_inputs():
     x, velocity, noise = _state()
-    step = sde.flow_grpo_step(x.half(), velocity.bfloat16(), 0.5, 0.4, noise_level=0.7, noise=noise)
+    step = sde.sde_step("flow_grpo", x.half(), velocity.bfloat16(), 0.5, 0.4, strength=0.7, noise=noise)
     assert step.prev_sample.dtype == torch.float32 and step.log_prob.dtype == torch.float32
 
 
@@ -134,5 +125,9 @@ def test_bad_names_and_shapes_are_reported():
     x, velocity, _ = _state()
     with pytest.raises(ValueError, match="unknown sde 'ddpm'"):
         sde.get_step_function("ddpm", 0.5)
+    with pytest.raises(ValueError, match="unknown sde 'ddpm'"):
+        sde.sde_step("ddpm", x, velocity, 0.5, 0.4, strength=0.5)
+    with pytest.raises(ValueError, match="prev_sample has shape"):
+        sde.sde_step("ddim", x, velocity, 0.5, 0.4, strength=0.5, prev_sample=x[:1])
     with pytest.raises(ValueError, match="sigma must be"):
-        sde.ddim_step(x, velocity, torch.ones(3), 0.5, eta=0.5)
+        sde.sde_step("ddim", x, velocity, torch.ones(3), 0.5, strength=0.5)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from sfgrpo_core import trainer
 from sfgrpo_core.config import ConfigError
-from sfgrpo_core.diagnose import diagnose
+from sfgrpo_core.training import trainer
+from sfgrpo_core.training.diagnose import diagnose
 
 
 def _eval_curve(records):
@@ -73,7 +73,7 @@ def test_resume_matches_an_uninterrupted_run(toy_config, tmp_path):
         return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in records]
 
     assert comparable(resumed.records) == comparable(straight.records)
-    from sfgrpo_core.lora import read_lora
+    from sfgrpo_core.lora.adapters import read_lora
 
     weights_a, _ = read_lora(straight.lora_path)
     weights_b, _ = read_lora(resumed.lora_path)

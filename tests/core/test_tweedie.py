@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sfgrpo_core import tweedie
+from sfgrpo_core.algorithm import tweedie
 
 
 def test_estimates_recover_endpoints_of_a_straight_path():

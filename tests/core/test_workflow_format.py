@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sfgrpo_core.workflow_format import api_to_ui, dumps_workflow, main, node_def, ui_to_api
+from sfgrpo_core.headless.workflow_format import api_to_ui, dumps_workflow, main, node_def, ui_to_api
 
 # A small /object_info covering each kind of input the converter distinguishes.
 OBJECT_INFO = {
@@ -268,8 +268,8 @@ def test_cli_writes_ui_files_and_check_reports_stale_ones(tmp_path, capsys):
     assert main([str(info), *files, "--out-dir", str(out), "--check"]) == 0
 
     (out / "b.json").write_text((out / "b.json").read_text().replace("a.safetensors", "b.safetensors"))
-    check = subprocess.run([sys.executable, "-m", "sfgrpo_core.workflow_format", str(info), *files, "--out-dir",
-                            str(out), "--check"], capture_output=True, text=True, timeout=60)
+    check = subprocess.run([sys.executable, "-m", "sfgrpo_core.headless.workflow_format", str(info), *files,
+                            "--out-dir", str(out), "--check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 1 and check.stdout.split() == [str(out / "b.json")], check.stderr
     (api_dir / "a.json").write_text(json.dumps({"1": {"class_type": "Nope", "inputs": {}}}))
     with pytest.raises(SystemExit) as exit_:
@@ -278,7 +278,7 @@ def test_cli_writes_ui_files_and_check_reports_stale_ones(tmp_path, capsys):
 
 
 def test_module_imports_without_torch_or_comfy():
-    code = ("import sys, sfgrpo_core.workflow_format\n"
+    code = ("import sys, sfgrpo_core.headless.workflow_format\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'comfy')]\n"
             "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_save_safetensors
-from .lora import read_lora
+from ..atomic import atomic_save_safetensors
+from .adapters import read_lora
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 

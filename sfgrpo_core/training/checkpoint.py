@@ -1,5 +1,9 @@
-"""Checkpoints: one complete record (LoRA, optimizer, iteration, config, RNG states) per folder, written
-atomically: a crash mid-save leaves the previous checkpoint intact and never a half-written one.
+"""Checkpoints: one complete record (LoRA, optimizer, iteration, config) per folder, written atomically: a crash
+mid-save leaves the previous checkpoint intact and never a half-written one.
+
+No RNG state is recorded: every random draw of a run comes from a generator seeded by (seed, iteration, ...) (see
+``sfgrpo_core.seeding``), so a resumed run reproduces an uninterrupted one without touching the process's global RNG
+(which, inside ComfyUI, belongs to everyone).
 
 Layout: <run>/checkpoints/iter_000010/{lora.safetensors, optimizer.safetensors, state.json}; the folder is built
 under a temporary name and renamed into place, then <run>/checkpoints/latest (a one-line file) is replaced.
@@ -10,19 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .atomic import atomic_save_safetensors, atomic_write_text
-from .config import Config, config_from_dict
+from ..atomic import atomic_save_safetensors, atomic_write_text
+from ..config import Config, config_from_dict
 
 CHECKPOINTS = "checkpoints"
 
@@ -34,7 +36,6 @@ class Checkpoint:
     config: Config
     lora: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
-    rng: dict[str, Any]
     path: Path
 
 
@@ -63,34 +64,6 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], skeleton: dict[str,
     return {"state": state, "param_groups": skeleton["param_groups"]}
 
 
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Global RNG states (torch as a tensor; Python and numpy as JSON)."""
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    if not isinstance(numpy_state, tuple):
-        # get_state gives the legacy tuple only for MT19937; np.random.set_bit_generator may have swapped it.
-        raise ValueError("checkpoints record numpy's global RNG as MT19937 state; np.random uses "
-                         f"{numpy_state.get('bit_generator')!r} instead")
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = cuda_state
-    plain = {"python": [python_state[0], list(python_state[1]), python_state[2]],
-             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
-    return tensors, plain
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    version, state, gauss = plain["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, *rest = plain["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-
-
 def save_checkpoint(run_dir: str | Path, iteration: int, config: Config, lora: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, keep: int = 2) -> Path:
     """Write checkpoint ``iteration`` (iterations completed) and prune all but the ``keep`` newest."""
@@ -101,9 +74,8 @@ def save_checkpoint(run_dir: str | Path, iteration: int, config: Config, lora: d
     try:
         atomic_save_safetensors(lora, staging / "lora.safetensors")
         optimizer_tensors, skeleton = optimizer_to_tensors(optimizer.state_dict())
-        rng_tensors, rng_plain = capture_rng()
-        atomic_save_safetensors({**optimizer_tensors, **rng_tensors}, staging / "optimizer.safetensors")
-        state = {"iteration": iteration, "config": config.to_dict(), "optimizer": skeleton, "rng": rng_plain}
+        atomic_save_safetensors(optimizer_tensors, staging / "optimizer.safetensors")
+        state = {"iteration": iteration, "config": config.to_dict(), "optimizer": skeleton}
         atomic_write_text(staging / "state.json", json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -135,13 +107,9 @@ def checkpoint_iteration(path: str | Path) -> int:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint folder (safetensors + JSON only) and restore the global RNG states."""
+    """Read a checkpoint folder (safetensors + JSON only)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
-    optimizer_state = optimizer_from_tensors({k: v for k, v in tensors.items() if k.startswith("state.")},
-                                             state["optimizer"])
+    optimizer_state = optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     return Checkpoint(iteration=int(state["iteration"]), config=config_from_dict(state["config"]),
-                      lora=load_file(str(path / "lora.safetensors")), optimizer_state=optimizer_state,
-                      rng=state["rng"], path=path)
+                      lora=load_file(str(path / "lora.safetensors")), optimizer_state=optimizer_state, path=path)

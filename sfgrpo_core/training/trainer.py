@@ -12,20 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import models, rewards, seeding
-from .advantage import CREDIT_METHODS, Credit, score_in_batches
-from .atomic import atomic_write_text
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import RESUMABLE_CHANGES, Config, ConfigError, config_differences
-from .credit import zero_variance_fraction
-from .lora import attach_lora, load_lora_state_dict, lora_state_dict, save_lora
-from .models.base import VelocityModel
-from .rollout import PromptBatch, Rollout, StepCallback, choose_prompts, make_prompt_batch, rollout
-from .schedule import flow_sigmas
-from .sde import get_step_function
-from .tracking import MetricsLog, plot_reward_curve
+from .. import models, rewards, seeding
+from ..algorithm.advantages import zero_variance_fraction
+from ..algorithm.schedule import flow_sigmas
+from ..algorithm.sde import get_step_function
+from ..atomic import atomic_write_text
+from ..config import RESUMABLE_CHANGES, Config, ConfigError, config_differences
+from ..lora.adapters import attach_lora, load_lora_state_dict, lora_state_dict, save_lora
+from ..models.base import VelocityModel
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .credit import CREDIT_METHODS, Credit
+from .figures import reward_curve_figure, save_png
+from .metrics import MetricsLog
+from .rollout import Rollout, StepCallback, choose_prompts, make_prompt_batch, rollout
+from .step_rewards import score_in_batches
 from .update import UpdateStats, update_policy
 
 
@@ -58,10 +61,14 @@ class Session:
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What a run leaves: its folder, the LoRA file, the metrics records, the trained model (adapters attached) and
+    the reward curve as a uint8 [H, W, 3] image (also saved as reward_curve.png)."""
+
     run_dir: Path
     lora_path: Path
     records: list[dict[str, Any]]
     model: VelocityModel
+    reward_curve: np.ndarray
 
 
 class PhaseTimer:
@@ -79,10 +86,51 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
+def build_session(config: Config, *, model: VelocityModel | None = None,
+                  reward: rewards.Reward | None = None) -> Session:
+    """Build (or take) the model and reward, attach a fresh LoRA and make the optimizer; writes nothing.
+
+    A given ``reward`` replaces the one config.train.reward names (front ends that loaded it already).
+    """
+    run_dir = Path(config.train.output_dir)
+    if model is None:
+        model = models.build(config.model.name, path=config.model.path, device=config.model.device,
+                             cache_dir=run_dir if run_dir.is_dir() else None, **config.model_kwargs)
+    targets = config.lora.target_modules or model.default_lora_targets
+    parameters = attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
+                             seed=seeding.derive_seed(config.train.seed, "lora"))
+    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    session = Session(
+        config=config, model=model, optimizer=optimizer, run_dir=run_dir, lora_targets=tuple(targets),
+        reward=reward if reward is not None else rewards.load(config.train.reward, **config.reward_kwargs),
+        prompts=config.train.prompts or model.default_prompts,
+        eval_prompts=config.train.eval_prompts or model.default_eval_prompts,
+        sigmas=flow_sigmas(config.sampler.steps, config.sampler.shift),
+    )
+    model.encode_prompts(list(session.prompts) + list(session.eval_prompts))  # fail now on a bad prompt
+    return session
+
+
+def restore(session: Session, checkpoint: Checkpoint) -> None:
+    """Continue from ``checkpoint``: its LoRA weights, optimizer state and iteration.
+
+    Raises:
+        ConfigError: naming the fields that differ from the checkpoint's config and cannot change on resume.
+    """
+    changed = [name for name in config_differences(checkpoint.config, session.config)
+               if name not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(f"cannot resume with changed {', '.join(changed)}: the checkpoint was trained with "
+                          "other values; restore them or start a new run in another output_dir")
+    load_lora_state_dict(session.model.module, checkpoint.lora)
+    session.optimizer.load_state_dict(checkpoint.optimizer_state)
+    session.start_iteration = checkpoint.iteration
+
+
 def prepare(config: Config, *, model: VelocityModel | None = None, reward: rewards.Reward | None = None,
             resume: bool = False) -> Session:
-    """Build (or take) the model and reward, attach the LoRA, make the optimizer, and restore the latest checkpoint
-    if resuming. A given ``reward`` replaces the one config.train.reward names (front ends that loaded it already).
+    """The run's session: checks the run folder, builds the session, restores the latest checkpoint if resuming,
+    and writes config.json.
 
     Raises:
         ConfigError: resuming without a checkpoint, with changed fields that cannot change, or starting over an
@@ -97,43 +145,22 @@ def prepare(config: Config, *, model: VelocityModel | None = None, reward: rewar
         raise ConfigError(f"train.output_dir: {str(run_dir)!r} already holds a run; pass --resume to continue it "
                           "or choose another output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        model = models.build(config.model.name, path=config.model.path, device=config.model.device,
-                             cache_dir=run_dir, **config.model_kwargs)
-    targets = config.lora.target_modules or model.default_lora_targets
-    parameters = attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
-                             seed=seeding.derive_seed(config.train.seed, "lora"))
-    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    session = Session(
-        config=config, model=model, optimizer=optimizer, run_dir=run_dir, lora_targets=tuple(targets),
-        reward=reward if reward is not None else rewards.load(config.train.reward, **config.reward_kwargs),
-        prompts=config.train.prompts or model.default_prompts,
-        eval_prompts=config.train.eval_prompts or model.default_eval_prompts,
-        sigmas=flow_sigmas(config.sampler.steps, config.sampler.shift),
-    )
-    model.encode_prompts(list(session.prompts) + list(session.eval_prompts))  # fail now on a bad prompt
+    session = build_session(config, model=model, reward=reward)
     if resume and checkpoint_path is not None:
-        checkpoint = load_checkpoint(checkpoint_path)
-        changed = [name for name in config_differences(checkpoint.config, config) if name not in RESUMABLE_CHANGES]
-        if changed:
-            raise ConfigError(f"cannot resume with changed {', '.join(changed)}: the checkpoint was trained with "
-                              "other values; restore them or start a new run in another output_dir")
-        load_lora_state_dict(model.module, checkpoint.lora)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        session.start_iteration = checkpoint.iteration
+        restore(session, load_checkpoint(checkpoint_path))
     atomic_write_text(run_dir / "config.json", _json(config.to_dict()))
     return session
 
 
-def collect(session: Session, iteration: int, hooks: TrainHooks) -> Rollout:
+def collect(session: Session, iteration: int, hooks: TrainHooks | None = None) -> Rollout:
     """Rollout phase: this iteration's prompt groups sampled with the training SDE."""
     config = session.config
     group_prompts = choose_prompts(session.prompts, config.train.groups_per_iteration, config.train.seed, iteration)
-    batch: PromptBatch = make_prompt_batch(session.model, group_prompts, config.train.group_size, config.train.seed,
-                                           iteration, device=config.model.device)
+    batch = make_prompt_batch(session.model, group_prompts, config.train.group_size, config.train.seed, iteration,
+                              device=config.model.device)
     return rollout(session.model, batch, session.sigmas, step_function_for(config),
                    train_last_step=config.sampler.train_last_step, min_train_std=config.sampler.min_train_std,
-                   callback=hooks.on_rollout_step)
+                   callback=hooks.on_rollout_step if hooks else None)
 
 
 def step_function_for(config: Config):
@@ -161,12 +188,11 @@ def evaluate(session: Session) -> float:
     """Mean held-out reward of ODE samples (fixed seeds, so successive evaluations differ only by the policy)."""
     config = session.config
     sigmas = flow_sigmas(config.train.eval_steps, config.sampler.shift)
-    batch = make_prompt_batch(session.model, session.eval_prompts, config.train.eval_samples, config.train.seed,
-                              -1, device=config.model.device)
+    count = len(session.eval_prompts) * config.train.eval_samples
     # Every eval sample gets its own initial noise: evaluation measures the policy, not one noise draw.
-    noise = torch.randn(batch.initial_noise.shape, generator=seeding.generator(config.train.seed, "eval"))
-    batch = PromptBatch(batch.prompts, batch.group_ids, batch.condition, noise.to(batch.initial_noise.device),
-                        batch.member_seeds)
+    noise = torch.randn((count, *session.model.sample_shape), generator=seeding.generator(config.train.seed, "eval"))
+    batch = make_prompt_batch(session.model, session.eval_prompts, config.train.eval_samples, config.train.seed,
+                              -1, device=config.model.device, initial_noise=noise)
     samples = rollout(session.model, batch, sigmas, get_step_function("ode", 0.0)).final
     scores = score_in_batches(session.model, session.reward, samples, list(batch.prompts),
                               config.train.reward_batch_size)
@@ -237,9 +263,10 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
     lora_path = save_lora(session.run_dir / "lora.safetensors", session.model.module, rank=config.lora.rank,
                           alpha=config.lora.alpha, target_modules=session.lora_targets)
     _export_lora(session.model, lora_path)
-    plot_reward_curve(log.records, session.run_dir / "reward_curve.png",
-                      title=f"credit: {config.credit.method}, sde: {config.sampler.sde}")
-    return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=session.model)
+    curve = reward_curve_figure(log.records, title=f"credit: {config.credit.method}, sde: {config.sampler.sde}")
+    save_png(curve, session.run_dir / "reward_curve.png")
+    return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=session.model,
+                       reward_curve=curve)
 
 
 def _export_lora(model: VelocityModel, lora_path: Path) -> None:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .comfyui_server import ComfyServer, ComfyUIError
-from .tracking import TRAINING_EVENT
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..training.metrics import TRAINING_EVENT
+from .server import ComfyServer, ComfyUIError
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -395,7 +395,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sfgrpo_core.runner`` (the same as ``sfgrpo run``)."""
+    """``python -m sfgrpo_core.headless.runner`` (the same as ``sfgrpo run``)."""
     parser = argparse.ArgumentParser(prog="sfgrpo run", description="Run an API-format ComfyUI workflow headless.")
     add_run_arguments(parser)
     return run_from_args(parser.parse_args(argv))

@@ -1,7 +1,8 @@
-"""Credit assignment: stepwise gains and group-relative advantages (algorithm.md section 5).
+"""Gains and group-relative advantages (algorithm.md section 5): the advantage math of both credit methods.
 
-Index convention: rewards[:, k] is r_k, the reward of the clean completion of state x_k, with x_0 the initial noise
-and x_T the final sample. Transition k goes x_k -> x_{k+1}, and its gain is g_k = r_{k+1} - r_k.
+Index convention (see ``sfgrpo_core.algorithm``): rewards[:, k] is r_k, the reward of the clean completion of step
+k's state (state 0 is the initial noise x_1, state T the final sample). Transition k goes from state k to state
+k + 1, and its gain is g_k = r_{k+1} - r_k.
 Missing values (a reward that failed on an image) are NaN and stay NaN: they are left out of every statistic, and
 the trainer masks them out of the loss; they are never replaced by 0.
 """

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import losses
-from .config import OptimConfig
-from .lora import adapter_disabled
-from .models.base import VelocityModel
-from .models.condition import select
+from ..algorithm import losses
+from ..algorithm.sde import SDEStep, StepFunction
+from ..config import OptimConfig
+from ..lora.adapters import adapter_disabled
+from ..models.base import VelocityModel
+from ..models.condition import select
 from .rollout import Rollout
-from .sde import SDEStep, StepFunction
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .atomic import atomic_save_safetensors
+from ..atomic import atomic_save_safetensors
 
 if TYPE_CHECKING:
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -11,19 +11,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from . import losses, models, seeding
+from .. import seeding
+from ..algorithm import losses
+from ..algorithm.sde import get_step_function
+from ..config import Config
+from ..lora.adapters import adapter_disabled, load_lora_state_dict
+from ..models.base import VelocityModel
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import Config
-from .lora import adapter_disabled, attach_lora, load_lora_state_dict
-from .models.base import VelocityModel
-from .rollout import choose_prompts, make_prompt_batch, rollout
-from .schedule import flow_sigmas
-from .sde import get_step_function
-from .trainer import step_function_for
+from .rollout import make_prompt_batch, rollout
+from .trainer import Session, build_session, collect, step_function_for
 from .update import recompute_steps
 
 
@@ -42,25 +41,16 @@ class CheckResult:
 
 @torch.no_grad()
 def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: float = 1e-4) -> list[CheckResult]:
-    """Run the checks on the configured model (with the run's latest LoRA, if the run folder holds one)."""
-    run_dir = Path(config.train.output_dir)
-    if model is None:
-        model = models.build(config.model.name, path=config.model.path, device=config.model.device,
-                             cache_dir=run_dir if run_dir.is_dir() else None, **config.model_kwargs)
-    targets = config.lora.target_modules or model.default_lora_targets
-    attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
-                seed=seeding.derive_seed(config.train.seed, "lora"))
-    results = [_ode_matches_base(config, model, tolerance)]
-    checkpoint = latest_checkpoint(run_dir)
+    """Run the checks on the configured model (with the run's latest LoRA, if the run folder holds one); the model,
+    LoRA and rollout are built by the trainer's own ``build_session`` and ``collect``."""
+    session = build_session(config, model=model)
+    results = [_ode_matches_base(session, tolerance)]
+    checkpoint = latest_checkpoint(session.run_dir)
     if checkpoint is not None:
-        load_lora_state_dict(model.module, load_checkpoint(checkpoint).lora)
-    step_fn = step_function_for(config)
-    sigmas = flow_sigmas(config.sampler.steps, config.sampler.shift)
-    prompts = choose_prompts(config.train.prompts or model.default_prompts, config.train.groups_per_iteration,
-                             config.train.seed, 0)
-    batch = make_prompt_batch(model, prompts, config.train.group_size, config.train.seed, 0, config.model.device)
-    recorded = rollout(model, batch, sigmas, step_fn, train_last_step=config.sampler.train_last_step,
-                       min_train_std=config.sampler.min_train_std)
+        load_lora_state_dict(session.model.module, load_checkpoint(checkpoint).lora)
+    model, step_fn = session.model, step_function_for(config)
+    recorded = collect(session, 0)
+    batch, sigmas = recorded.batch, session.sigmas
     members, steps = torch.nonzero(recorded.active, as_tuple=True)
 
     same_batches = recompute_steps(model, recorded, members, steps, step_fn)
@@ -90,14 +80,14 @@ def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: f
     return results
 
 
-def _ode_matches_base(config: Config, model: VelocityModel, tolerance: float) -> CheckResult:
-    sigmas = flow_sigmas(config.sampler.steps, config.sampler.shift)
-    prompts = list(config.train.prompts or model.default_prompts)[:4]
+def _ode_matches_base(session: Session, tolerance: float) -> CheckResult:
+    config, model = session.config, session.model
+    prompts = list(session.prompts)[:4]
     batch = make_prompt_batch(model, prompts, 2, config.train.seed, 0, config.model.device)
     ode = get_step_function("ode", 0.0)
-    with_adapter = rollout(model, batch, sigmas, ode).final
+    with_adapter = rollout(model, batch, session.sigmas, ode).final
     with adapter_disabled(model.module):
-        base = rollout(model, batch, sigmas, ode).final
+        base = rollout(model, batch, session.sigmas, ode).final
     gap = float((with_adapter - base).abs().max())
     return CheckResult("ode_matches_base", gap <= tolerance, gap, tolerance,
                        "max |ODE samples with a fresh LoRA - base model (adapter off)|")

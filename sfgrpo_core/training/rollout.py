@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import seeding
-from .models.base import VelocityModel
-from .models.condition import Condition, select
-from .sde import MIN_TRAINABLE_STD, StepFunction, trainable_mask
-from .tweedie import x0_estimate
+from .. import seeding
+from ..algorithm.sde import MIN_TRAINABLE_STD, StepFunction, trainable_mask
+from ..algorithm.tweedie import x0_estimate
+from ..models.base import VelocityModel
+from ..models.condition import Condition, select
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """fn(step k, total T, x_k [N, ...], x0 estimate at step k [N, ...]); for progress bars and previews."""
@@ -34,7 +34,8 @@ class Rollout:
     """A recorded batch of trajectories.
 
     Attributes:
-        states: [N, T + 1, ...] float32; states[:, 0] is the initial noise x_0, states[:, T] the final sample.
+        states: [N, T + 1, ...] float32; states[:, k] is the state at sigmas[k]: states[:, 0] the initial noise
+            x_1, states[:, T] the final sample.
         log_probs: [N, T] log-density of transition k (states[:, k] -> states[:, k + 1]) at rollout.
         stds: [N, T] noise std of each transition (0 for deterministic ones).
         active: [N, T] bool; transitions that train (stochastic enough, and not the skipped last step).
@@ -65,18 +66,29 @@ def choose_prompts(prompts: Sequence[str], groups: int, seed: int, iteration: in
 
 
 def make_prompt_batch(model: VelocityModel, group_prompts: Sequence[str], group_size: int, seed: int,
-                      iteration: int, device: torch.device | str = "cpu") -> PromptBatch:
-    """Expand one prompt per group into members, with the group's shared initial noise (seeded by
-    (seed, iteration, group)) and a per-member seed for the step noise (seeded by (seed, iteration, group, member))."""
+                      iteration: int, device: torch.device | str = "cpu",
+                      initial_noise: torch.Tensor | None = None) -> PromptBatch:
+    """Expand one prompt per group into members, with a per-member seed for the step noise (seeded by
+    (seed, iteration, group, member)).
+
+    Args:
+        initial_noise: [N, *sample_shape] noise x_1 of every member. None: the group's shared noise, seeded by
+            (seed, iteration, group), which Stepwise-Flow-GRPO needs (r_0 is then one reward per group).
+    """
     condition = model.encode_prompts(list(group_prompts))
     group_ids = torch.arange(len(group_prompts)).repeat_interleave(group_size)
-    noise = [torch.randn(model.sample_shape, generator=seeding.generator(seed, iteration, group, "initial"))
-             for group in range(len(group_prompts))]
+    if initial_noise is None:
+        shared = [torch.randn(model.sample_shape, generator=seeding.generator(seed, iteration, group, "initial"))
+                  for group in range(len(group_prompts))]
+        initial_noise = torch.stack(shared)[group_ids]
+    elif initial_noise.shape != (len(group_ids), *model.sample_shape):
+        raise ValueError(f"initial_noise: shape {tuple(initial_noise.shape)}, expected "
+                         f"{(len(group_ids), *model.sample_shape)}")
     return PromptBatch(
         prompts=[group_prompts[group] for group in group_ids.tolist()],
         group_ids=group_ids,
         condition=select(condition, group_ids),
-        initial_noise=torch.stack(noise)[group_ids].to(device),
+        initial_noise=initial_noise.to(device),
         member_seeds=[seeding.derive_seed(seed, iteration, group, member, "steps")
                       for group in range(len(group_prompts)) for member in range(group_size)],
     )
@@ -93,12 +105,12 @@ def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step
     """
     x = batch.initial_noise.float()
     count, steps = x.shape[0], len(sigmas) - 1
-    generators = [torch.Generator().manual_seed(seed) for seed in batch.member_seeds]
+    generators = seeding.member_generators(batch.member_seeds)
     states, log_probs, stds = [x], [], []
     for k in range(steps):
         sigma = sigmas[k].expand(count).to(x.device)
         velocity = model.velocity(x, sigma, batch.condition)
-        noise = torch.stack([torch.randn(x.shape[1:], generator=generator) for generator in generators]).to(x.device)
+        noise = seeding.member_noise(generators, x)
         step = step_fn(x, velocity, sigma, sigmas[k + 1].expand(count).to(x.device), noise=noise)
         if callback is not None:
             callback(k, steps, x, x0_estimate(x, velocity, sigma))

@@ -1,4 +1,4 @@
-"""Figures as RGB arrays, for ComfyUI IMAGE outputs and reports: pure matplotlib (Agg) and PIL, no ComfyUI.
+"""Figures as RGB arrays, for ComfyUI IMAGE outputs, PNG files and reports: matplotlib (Agg) and PIL, no ComfyUI.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with its own Agg canvas rather than through pyplot: pyplot keeps
 global state (the current figure, the backend) that a ComfyUI process shares with every other node pack.
@@ -6,11 +6,13 @@ global state (the current figure, the backend) that a ComfyUI process shares wit
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 STEP_FIGURE_SIZE = (640, 400)  # (width, height) in pixels of ``step_reward_figure``
+REWARD_CURVE_SIZE = (600, 360)  # (width, height) in pixels of ``reward_curve_figure``
 MESSAGE_SIZE = (320, 64)  # (width, height) in pixels of ``message_image``
 _DPI = 100
 _GAIN_UP, _GAIN_DOWN, _GAIN_FLAT = "tab:green", "tab:red", "tab:gray"
@@ -85,6 +87,58 @@ def step_reward_figure(step_rewards: Any, sigmas: Any, title: str = "reward of e
     bars.set_xlim(1.02, -0.02)  # shared: denoising runs left to right
     figure.tight_layout()
     return _to_rgb(canvas)
+
+
+def reward_curve_figure(records: list[dict[str, Any]], title: str = "reward") -> np.ndarray:
+    """Training reward mean (+- std, shaded) and held-out reward per iteration, from metrics records.
+
+    Args:
+        records: metrics records (``metrics.jsonl`` lines); those with "reward_mean" draw the training curve, those
+            with "eval_reward_mean" the held-out one. Missing values (None / NaN) are left out.
+        title: the figure's title.
+
+    Returns:
+        uint8 [H, W, 3] RGB image, (W, H) = ``REWARD_CURVE_SIZE``.
+    """
+    figure, canvas = _figure(REWARD_CURVE_SIZE)
+    axis = figure.subplots()
+    train = [r for r in records if _finite(r.get("reward_mean"))]
+    if train:
+        x = np.array([r["iteration"] for r in train])
+        mean = np.array([r["reward_mean"] for r in train], dtype=np.float64)
+        std = np.array([r.get("reward_std") if _finite(r.get("reward_std")) else 0.0 for r in train])
+        axis.plot(x, mean, label="train reward (final samples)", color="tab:blue")
+        axis.fill_between(x, mean - std, mean + std, color="tab:blue", alpha=0.15)
+    evaluations = [r for r in records if _finite(r.get("eval_reward_mean"))]
+    if evaluations:
+        axis.plot([r["iteration"] for r in evaluations], [r["eval_reward_mean"] for r in evaluations], "o-",
+                  label="held-out reward (ODE)", color="tab:orange")
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("reward")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    if train or evaluations:
+        axis.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    return _to_rgb(canvas)
+
+
+def save_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 [H, W, 3] image as a PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    from ..atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and bool(np.isfinite(value))
 
 
 def message_image(text: str, size: tuple[int, int] = MESSAGE_SIZE) -> np.ndarray:

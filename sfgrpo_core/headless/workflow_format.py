@@ -30,7 +30,7 @@ the display name). So ``ui_to_api(api_to_ui(p)) == p`` holds for prompts that se
 every widget input a value (as the frontend's "Export (API)" does); ``api_to_ui(ui_to_api(w)) == w`` holds for
 every ``w`` that api_to_ui wrote.
 
-CLI: ``python -m sfgrpo_core.workflow_format OBJECT_INFO_JSON API_JSON... --out-dir DIR [--check]``.
+CLI: ``python -m sfgrpo_core.headless.workflow_format OBJECT_INFO_JSON API_JSON... --out-dir DIR [--check]``.
 """
 
 from __future__ import annotations
@@ -404,7 +404,7 @@ def dumps_workflow(workflow: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write (or --check) the UI version of each API workflow; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m sfgrpo_core.workflow_format",
+    parser = argparse.ArgumentParser(prog="python -m sfgrpo_core.headless.workflow_format",
                                      description="Convert ComfyUI API prompts to UI workflows (same file names).")
     parser.add_argument("object_info", type=Path, help="GET /object_info saved as JSON")
     parser.add_argument("api_json", type=Path, nargs="+", help="API-format workflows")

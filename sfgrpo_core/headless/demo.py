@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .comfyui_server import ComfyServer, ComfyUIError
+from ..atomic import atomic_write_text
 from .runner import WorkflowError, run_workflow
+from .server import ComfyServer, ComfyUIError
 
-TRAIN_WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "api" / "train_lora.json"
+TRAIN_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "train_lora.json"
 TRAIN_NODE = "12"
 
 
