@@ -12,6 +12,7 @@ training run and are removed afterwards (``trainable``); no copy of the base wei
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 from ..sfgrpo_core.atomic import atomic_save_safetensors
 from ..sfgrpo_core.images import to_uint8
 from ..sfgrpo_core.lora.adapters import detach_lora, read_lora
-from ..sfgrpo_core.lora.formats import comfyui_to_diffusers
+from ..sfgrpo_core.lora.formats import comfyui_to_diffusers, peft_to_comfyui_native
 from .sampler import require_flow_sampling
 from .types import PromptSet
 
@@ -35,7 +36,8 @@ LORA_TARGETS = {
 # ComfyUI diffusion model class -> the architecture name of sfgrpo_core.lora.formats (for the diffusers export).
 ARCHITECTURES = {"OpenAISignatureMMDITWrapper": "sd3", "Flux": "flux"}
 FALLBACK_LORA_TARGETS = ("qkv", "proj", "to_q", "to_k", "to_v", "to_out.0")
-NATIVE_SUFFIXES = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"))
+# The run folder's LoRA in ComfyUI's native format (ComfyFlowModel.export_lora), which the node also puts in loras/.
+COMFYUI_LORA_FILE = "lora_comfyui.safetensors"
 
 
 def require_flow_patcher(patcher: Any, field: str = "model") -> None:
@@ -66,20 +68,6 @@ def make_parameters_trainable_safe(module: nn.Module) -> None:
                 if buffer is not None and buffer.is_inference():
                     persistent = name not in owner._non_persistent_buffers_set
                     owner.register_buffer(name, buffer.clone(), persistent=persistent)
-
-
-def native_lora(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """peft adapters on ComfyUI's modules -> ComfyUI's native LoRA dict (what the stock SaveLoRA writes and
-    LoraLoaderModelOnly reads): 'diffusion_model.<module>.lora_down.weight' = A [r, in], '.lora_up.weight' = B
-    [out, r], '.alpha' = alpha (ComfyUI scales by alpha / r, as peft does)."""
-    native: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        for peft_suffix, native_suffix in NATIVE_SUFFIXES:
-            if key.endswith(peft_suffix):
-                module = key[: -len(peft_suffix)]
-                native[f"diffusion_model.{module}{native_suffix}"] = tensor.detach().float().contiguous().cpu()
-                native[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
-    return native
 
 
 class ComfyFlowModel:
@@ -162,16 +150,22 @@ class ComfyFlowModel:
 
     # --- export ---------------------------------------------------------------------------------------------------
     def export_lora(self, lora_path: str | Path) -> Path:
-        """Write the run's LoRA beside ``lora_path`` in ComfyUI's native format (lora_comfyui.safetensors) and, for
-        SD3/SD3.5 and FLUX, in diffusers' (lora_diffusers.safetensors, for ``pipeline.load_lora_weights``).
+        """Write the run's LoRA beside ``lora_path`` in ComfyUI's native format (lora_comfyui.safetensors, for
+        LoraLoaderModelOnly, with the run's config.json in its metadata as 'sfgrpo_config' when there is one) and,
+        for SD3/SD3.5 and FLUX, in diffusers' (lora_diffusers.safetensors, for ``pipeline.load_lora_weights``).
+        Returns the ComfyUI file's path.
 
         Raises:
             ValueError: when a trained module has no diffusers counterpart (the ComfyUI file is written first).
         """
         state, _ = read_lora(lora_path)
-        native = native_lora(state, self.lora_alpha)
-        target = Path(lora_path).with_name("lora_comfyui.safetensors")
-        atomic_save_safetensors(native, target, {"format": "comfyui"})
+        native = peft_to_comfyui_native(state, self.lora_alpha)
+        target = Path(lora_path).with_name(COMFYUI_LORA_FILE)
+        metadata = {"format": "comfyui"}
+        config_file = target.with_name("config.json")
+        if config_file.is_file():
+            metadata["sfgrpo_config"] = json.dumps(json.loads(config_file.read_text()))
+        atomic_save_safetensors(native, target, metadata)
         architecture = ARCHITECTURES.get(type(self.module).__name__)
         if architecture is not None:
             atomic_save_safetensors(comfyui_to_diffusers(native, architecture),

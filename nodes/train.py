@@ -15,15 +15,21 @@ from typing import Any
 
 import torch
 from comfy_api.latest import io, ui
+from safetensors.torch import load_file
 
-from ..sfgrpo_core.atomic import atomic_save_safetensors, atomic_write_text
+from ..sfgrpo_core.atomic import atomic_write_bytes, atomic_write_text
 from ..sfgrpo_core.config import Config, config_from_dict
-from ..sfgrpo_core.lora.adapters import lora_state_dict
 from ..sfgrpo_core.training.checkpoint import checkpoint_iteration, latest_checkpoint
 from ..sfgrpo_core.training.metrics import TRAINING_EVENT, json_safe
 from ..sfgrpo_core.training.runs import loss_map, run_folder, summary
 from ..sfgrpo_core.training.trainer import TrainHooks, train
-from .comfy_model import ComfyFlowModel, native_lora, patched_model_sampling, require_flow_patcher, trainable
+from .comfy_model import (
+    COMFYUI_LORA_FILE,
+    ComfyFlowModel,
+    patched_model_sampling,
+    require_flow_patcher,
+    trainable,
+)
 from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward, image_tensor
 from .widgets import config_input
 
@@ -214,9 +220,11 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         hooks = TrainHooks(on_rollout_step=progress.on_rollout_step, on_iteration=progress.on_iteration)
         with trainable(flow):
             result = train(config, model=flow, reward=reward.reward, resume=resume, hooks=hooks)
-            native = native_lora(lora_state_dict(flow.module), config.lora.alpha)
-        atomic_save_safetensors(native, loras_root() / lora_name, {"format": "comfyui", "sfgrpo_config":
-                                                                    json.dumps(config.to_dict())})
+        # The run's own ComfyUI file (ComfyFlowModel.export_lora) goes into the loras folder byte for byte, and the
+        # LORA_MODEL and MODEL outputs are read back from it: one conversion, one LoRA everywhere.
+        lora_file = loras_root() / lora_name
+        atomic_write_bytes(lora_file, (result.run_dir / COMFYUI_LORA_FILE).read_bytes())
+        native = load_file(str(lora_file))
         trained_model, _ = comfy.sd.load_lora_for_models(model, None, native, 1.0, 0)
         return io.NodeOutput(trained_model, native, loss_map(result.records), image_tensor(result.reward_curve),
                              lora_name,

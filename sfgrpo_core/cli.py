@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(run)
     demo = commands.add_parser("demo", help="train a LoRA on the mini world through a headless ComfyUI (make demo)")
     add_demo_arguments(demo)
+    bench = commands.add_parser("bench", help="benchmarks (resumable; results are written, never asserted)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    from .bench.paper import add_arguments as add_paper_arguments
+
+    add_paper_arguments(bench_commands.add_parser(
+        "paper", help="Flow-GRPO vs Stepwise-Flow-GRPO and ablations on the mini world, several seeds (hours; "
+                      "--quick: minutes)"))
     miniworld = commands.add_parser("miniworld", help="the mini world (a self-made SD3 in miniature)")
     miniworld_commands = miniworld.add_subparsers(dest="miniworld_command", required=True)
     build = miniworld_commands.add_parser("build", help="rebuild the mini world's weights and manifest (~25 min on "
@@ -73,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .headless.runner import run_from_args
 
         return run_from_args(args)
+    if args.command == "bench":
+        from .bench.paper import run_from_args as bench_paper
+
+        return bench_paper(args)
     if args.command == "demo":
         from .headless.demo import demo_from_args
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +92,19 @@ class OptimConfig:
     grad_clip: float = option(1.0, "Gradient-norm clip per optimizer step (0 disables it).", minimum=0.0)
     clip_range: float = option(1e-4, "PPO clip eps of the importance ratio. 1e-4 is calibrated to log-probs "
                                      "averaged over elements.", minimum=0.0)
-    kl_beta: float = option(0.0, "Weight of the KL penalty to the base model (the adapter switched off); "
-                                 "0.01-0.04 is typical when used.", minimum=0.0)
+    kl_beta: float = option(0.0, "Weight of the KL penalty to the base model (the adapter switched off). On "
+                                 "flow_grpo's scale (kl_scale) its SD3 recipes use 0.01 (PickScore) and 0.04 "
+                                 "(GenEval, OCR).", minimum=0.0)
+    kl_scale: str = option("flow_grpo", "How the KL penalty |mean - mean_ref|^2 / (2 var) is scaled. 'flow_grpo': "
+                                        "var = step variance / h (h = t - s, the step size), as flow_grpo's "
+                                        "train_sd3.py divides by std_dev_t^2 without h, so its beta values carry "
+                                        "over. 'step_variance': var = the step's own variance (1/h times larger: "
+                                        "3.7-25x on a 10-step grid; beta_step_variance = beta_flow_grpo * h).",
+                           choices=("flow_grpo", "step_variance"))
+    skip_zero_advantage: bool = option(False, "Leave transitions whose advantage is exactly 0 (groups whose "
+                                              "rewards are all equal) out of the loss and its mean, as flow_grpo "
+                                              "drops such samples before its update; they carry no gradient "
+                                              "either way, but they dilute the mean of the others.")
     minibatches: int = option(2, "Optimizer steps per iteration: the iteration's transitions are shuffled and "
                                  "split into this many minibatches (Flow-GRPO takes 2).", minimum=1)
     micro_batch_size: int = option(0, "Transitions per forward/backward pass; gradients accumulate within a "
@@ -113,7 +125,13 @@ class TrainConfig:
     reward_options: str = option("{}", "JSON object of keyword options for the reward's factory.")
     prompts: tuple[str, ...] = option((), "Training prompts. Empty: the backend's default training prompts.")
     eval_prompts: tuple[str, ...] = option((), "Held-out prompts for evaluation. Empty: the backend's default.")
-    group_size: int = option(8, "Members per prompt group: they share the prompt and the initial noise. GRPO "
+    initial_noise: str = option("auto", "Initial noise x_1 of a group's members: 'shared' (one draw per group, "
+                                        "which Stepwise-Flow-GRPO needs: r_0 is then one reward per group), "
+                                        "'independent' (one draw per member, as Flow-GRPO samples), or 'auto' "
+                                        "(shared for credit.method stepwise, independent for flow_grpo).",
+                                choices=("auto", "shared", "independent"))
+    group_size: int = option(8, "Members per prompt group: they share the prompt (and, with shared initial "
+                                "noise, the initial noise). GRPO "
                                 "compares them, so at least 2 (Flow-GRPO uses 16-24).", minimum=2)
     groups_per_iteration: int = option(4, "Prompt groups sampled per iteration (Flow-GRPO uses 48).", minimum=1)
     iterations: int = option(30, "Sampling iterations (rollout -> rewards -> update) to run in total.", minimum=1)
@@ -167,6 +185,13 @@ class Config:
                               "'flow_grpo' or 'cps' for training")
 
     @property
+    def initial_noise(self) -> str:
+        """train.initial_noise with 'auto' resolved by the credit method: 'shared' or 'independent'."""
+        if self.train.initial_noise != "auto":
+            return self.train.initial_noise
+        return "shared" if self.credit.method == "stepwise" else "independent"
+
+    @property
     def reward_kwargs(self) -> dict[str, Any]:
         return json.loads(self.train.reward_options)
 
@@ -208,6 +233,9 @@ def _check_bounds(path: str, value: Any, metadata: typing.Mapping[str, Any]) -> 
     choices, minimum, maximum = metadata.get("choices"), metadata.get("minimum"), metadata.get("maximum")
     if choices is not None and value not in choices:
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN passes every < and > comparison below, and inf every lower bound: say so instead of training on it.
+        raise ConfigError(f"{path}: must be a finite number, got {value!r}. {metadata['help']}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{path}: must be >= {minimum}, got {value!r}. {metadata['help']}")
     if maximum is not None and value > maximum:
@@ -227,20 +255,14 @@ def coerce(path: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if annotation in (int, float):
+        expected, accepted = ("an integer", (int, str)) if annotation is int else ("a number", (int, float, str))
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{path}: expected {expected}, got {value!r}")
         try:
-            return int(value)
+            return annotation(value)
         except ValueError:
-            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{path}: expected {expected}, got {value!r}") from None
     if annotation is str:
         if isinstance(value, dict) and path.endswith("options"):
             return json.dumps(value)

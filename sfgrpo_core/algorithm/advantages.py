@@ -9,7 +9,7 @@ the trainer masks them out of the loss; they are never replaced by 0.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -67,7 +67,7 @@ def joint_advantages(
     gains = gains.float()
     include = torch.isfinite(gains)
     if mask is not None:
-        include &= mask.bool()
+        include &= mask.bool().to(include.device)
     advantages = torch.full_like(gains, float("nan"))
     included = gains[include]
     global_std = included.std(correction=0) if included.numel() else torch.tensor(0.0)
@@ -84,46 +84,33 @@ def joint_advantages(
     return advantages
 
 
-def per_step_advantages(
-    gains: torch.Tensor,
-    group_ids: torch.Tensor,
-    *,
-    std_scope: StdScope = "group",
-    eps: float = 1e-4,
-    clip: float = 5.0,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def per_step_advantages(gains: torch.Tensor, group_ids: torch.Tensor, *, mask: torch.Tensor | None = None,
+                        **normalization: Any) -> torch.Tensor:
     """Ablation: normalize each step's gains on their own within the group (the paper shows joint is better).
 
-    Same arguments and return as ``joint_advantages``.
+    Same arguments (``std_scope``, ``eps``, ``clip`` as keywords) and return as ``joint_advantages``.
     """
     columns = [
-        joint_advantages(gains[:, k : k + 1], group_ids, std_scope=std_scope, eps=eps, clip=clip,
-                         mask=None if mask is None else mask[:, k : k + 1])
+        joint_advantages(gains[:, k : k + 1], group_ids, mask=None if mask is None else mask[:, k : k + 1],
+                         **normalization)
         for k in range(gains.shape[1])
     ]
     return torch.cat(columns, dim=1)
 
 
-def flow_grpo_advantages(
-    final_rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    *,
-    std_scope: StdScope = "group",
-    eps: float = 1e-4,
-    clip: float = 5.0,
-) -> torch.Tensor:
+def flow_grpo_advantages(final_rewards: torch.Tensor, group_ids: torch.Tensor, **normalization: Any) -> torch.Tensor:
     """Flow-GRPO's advantage A^i = (R^i - group mean) / (std + eps) of the final reward.
 
     Args:
         final_rewards: [N] (NaN = missing).
+        normalization: ``std_scope``, ``eps``, ``clip`` as in ``joint_advantages``.
 
     Returns:
         [N] float32 (NaN where the reward is missing); the caller broadcasts it over the steps.
     """
     if final_rewards.ndim != 1:
         raise ValueError(f"final_rewards must be [N], got shape {tuple(final_rewards.shape)}")
-    return joint_advantages(final_rewards[:, None], group_ids, std_scope=std_scope, eps=eps, clip=clip)[:, 0]
+    return joint_advantages(final_rewards[:, None], group_ids, **normalization)[:, 0]
 
 
 def zero_variance_fraction(values: torch.Tensor, group_ids: torch.Tensor) -> float:

@@ -73,7 +73,8 @@ def grpo_loss(
         )
 
 
-def kl_penalty(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def kl_penalty(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor,
+               step_size: torch.Tensor | None = None) -> torch.Tensor:
     """KL between the policy's Gaussian step and the reference policy's with the same std:
     |mean - ref_mean|^2 / (2 std^2), averaged over the non-batch elements.
 
@@ -81,6 +82,8 @@ def kl_penalty(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) ->
         mean: [B, ...] policy mean (carries gradient).
         ref_mean: [B, ...] mean under the reference policy (the adapter switched off; constant).
         std: [B] step std; entries below ``sde.MIN_TRAINABLE_STD`` give 0.
+        step_size: optional [B] h = t - s: flow_grpo's scale, |mean - ref_mean|^2 / (2 std^2 / h) (its train_sd3.py
+            divides by std_dev_t^2, the step variance without h), i.e. the KL times h.
 
     Returns:
         [B] float32.
@@ -88,4 +91,6 @@ def kl_penalty(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) ->
     trainable = trainable_mask(std)
     safe_std = expand_like(torch.where(trainable, std.float(), torch.ones_like(std, dtype=torch.float32)), mean)
     kl = ((mean.float() - ref_mean.detach().float()) ** 2 / (2 * safe_std**2)).flatten(1).mean(dim=1)
+    if step_size is not None:
+        kl = kl * step_size.float()
     return torch.where(trainable, kl, torch.zeros_like(kl))

@@ -14,9 +14,9 @@ branch per sample (algorithm.md section 6).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,22 +163,15 @@ class DiffusersFlowModel:
                                  f"B = {len(prompts)}; {key!r} is {type(tensor).__name__}")
         return {key: condition[key].to(self.device) for key in ("context", "pooled")}
 
-    def export_lora(self, lora_path: str | Path) -> list[Path]:
-        """Write a trained LoRA file (sfgrpo_core.lora.save_lora) beside itself in diffusers' format
-        (lora_diffusers.safetensors) and ComfyUI's native one (lora_comfyui.safetensors, for LoraLoaderModelOnly).
-
-        Raises:
-            ValueError: when an adapted module has no ComfyUI counterpart (the diffusers file is written first).
+    def export_lora(self, lora_path: str | Path) -> Path:
+        """Write a trained LoRA file (sfgrpo_core.lora.save_lora) beside itself in diffusers' format:
+        lora_diffusers.safetensors, the one file for both ``pipeline.load_lora_weights`` and ComfyUI's stock LoRA
+        loaders (LoraLoaderModelOnly maps diffusers' SD3 / FLUX keys, q/k/v onto its fused qkv Linear, itself; see
+        sfgrpo_core.lora.formats). Returns its path.
         """
         from ..lora.formats import export_lora
 
-        folder = Path(lora_path).parent
-        diffusers_file = export_lora(lora_path, folder / "lora_diffusers.safetensors", format="diffusers")
-        # The transformer's diffusers config (a FrozenDict); through nn.Module's typing it reads as Tensor | Module.
-        transformer_config = dict(cast(Mapping[str, Any], self.module.config))
-        comfyui_file = export_lora(lora_path, folder / "lora_comfyui.safetensors", format="comfyui",
-                                   architecture=self.architecture, transformer_config=transformer_config)
-        return [diffusers_file, comfyui_file]
+        return export_lora(lora_path, Path(lora_path).with_name("lora_diffusers.safetensors"))
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

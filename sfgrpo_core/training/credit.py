@@ -18,7 +18,7 @@ from ..algorithm import advantages
 from ..config import CreditConfig
 from ..models.base import VelocityModel
 from .rollout import Rollout
-from .step_rewards import score_in_batches, step_rewards
+from .step_rewards import images_scored, score_in_batches, step_rewards
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages
     step_advantages = normalize(gains, rollout.batch.group_ids, std_scope=_std_scope(config), eps=config.std_eps,
                                 clip=config.advantage_clip, mask=rollout.active)
-    calls = len(torch.unique(rollout.batch.group_ids)) + rollout.states.shape[0] * (rollout.states.shape[1] - 1)
-    return Credit(rewards=rewards_per_step, advantages=step_advantages, gains=gains, reward_calls=calls)
+    return Credit(rewards=rewards_per_step, advantages=step_advantages, gains=gains,
+                  reward_calls=images_scored(rollout))
 
 
 @torch.no_grad()

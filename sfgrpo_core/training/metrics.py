@@ -44,3 +44,31 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [json_safe(item) for item in value]
     return value
+
+
+class CallCounter:
+    """A VelocityModel that forwards everything to ``model`` and counts the work: samples through ``velocity``
+    (one model evaluation each, forward or forward + backward) and images through ``decode``. The trainer reads and
+    resets the counts once per iteration."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.velocity_samples = 0
+        self.decoded_images = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def velocity(self, x: Any, sigma: Any, condition: Any) -> Any:
+        self.velocity_samples += int(x.shape[0])
+        return self.model.velocity(x, sigma, condition)
+
+    def decode(self, x: Any) -> Any:
+        self.decoded_images += int(x.shape[0])
+        return self.model.decode(x)
+
+    def take(self) -> dict[str, int]:
+        """{"model_calls", "decoded_images"} since the last take."""
+        counts = {"model_calls": self.velocity_samples, "decoded_images": self.decoded_images}
+        self.velocity_samples = self.decoded_images = 0
+        return counts

@@ -20,13 +20,21 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class PromptBatch:
-    """N = groups x group_size trajectories; members of a group share prompt, condition and initial noise."""
+    """N = groups x group_size trajectories; members of a group share prompt and condition, and (for Stepwise-Flow-
+    GRPO) the initial noise x_1."""
 
     prompts: list[str]
     group_ids: torch.Tensor
     condition: Condition
     initial_noise: torch.Tensor
     member_seeds: list[int]
+
+    @property
+    def shares_initial_noise(self) -> bool:
+        """True when every group's members start from one and the same x_1."""
+        return all(bool((rows == rows[:1]).all())
+                   for rows in (self.initial_noise[self.group_ids.to(self.initial_noise.device) == group]
+                                for group in torch.unique(self.group_ids)))
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,15 @@ def choose_prompts(prompts: Sequence[str], groups: int, seed: int, iteration: in
     while len(chosen) < groups:
         chosen += rng.sample(list(prompts), min(len(prompts), groups - len(chosen)))
     return chosen
+
+
+def independent_noise(sample_shape: Sequence[int], groups: int, group_size: int, seed: int,
+                      iteration: int) -> torch.Tensor:
+    """[groups * group_size, *sample_shape] initial noise, one draw per member seeded by (seed, iteration, group,
+    member): Flow-GRPO's rollouts, whose members do not share x_1."""
+    return torch.stack([torch.randn(tuple(sample_shape),
+                                    generator=seeding.generator(seed, iteration, group, member, "initial"))
+                        for group in range(groups) for member in range(group_size)])
 
 
 def make_prompt_batch(model: VelocityModel, group_prompts: Sequence[str], group_size: int, seed: int,

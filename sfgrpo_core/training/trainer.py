@@ -26,8 +26,8 @@ from ..models.base import VelocityModel
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .credit import CREDIT_METHODS, Credit
 from .figures import reward_curve_figure, save_png
-from .metrics import MetricsLog
-from .rollout import Rollout, StepCallback, choose_prompts, make_prompt_batch, rollout
+from .metrics import CallCounter, MetricsLog
+from .rollout import Rollout, StepCallback, choose_prompts, independent_noise, make_prompt_batch, rollout
 from .step_rewards import score_in_batches
 from .update import UpdateStats, update_policy
 
@@ -156,8 +156,12 @@ def collect(session: Session, iteration: int, hooks: TrainHooks | None = None) -
     """Rollout phase: this iteration's prompt groups sampled with the training SDE."""
     config = session.config
     group_prompts = choose_prompts(session.prompts, config.train.groups_per_iteration, config.train.seed, iteration)
+    noise = None  # shared by each group
+    if config.initial_noise == "independent":
+        noise = independent_noise(session.model.sample_shape, len(group_prompts), config.train.group_size,
+                                  config.train.seed, iteration)
     batch = make_prompt_batch(session.model, group_prompts, config.train.group_size, config.train.seed, iteration,
-                              device=config.model.device)
+                              device=config.model.device, initial_noise=noise)
     return rollout(session.model, batch, session.sigmas, step_function_for(config),
                    train_last_step=config.sampler.train_last_step, min_train_std=config.sampler.min_train_std,
                    callback=hooks.on_rollout_step if hooks else None)
@@ -183,9 +187,22 @@ def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: in
                          session.config.optim, step_function_for(session.config), generator)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out rewards of ODE samples: ``scores`` [n] (NaN = missing) of ``prompts`` (n texts)."""
+
+    scores: torch.Tensor
+    prompts: list[str]
+
+    @property
+    def mean(self) -> float:
+        return _nanmean(self.scores)
+
+
 @torch.no_grad()
-def evaluate(session: Session) -> float:
-    """Mean held-out reward of ODE samples (fixed seeds, so successive evaluations differ only by the policy)."""
+def evaluate(session: Session) -> Evaluation:
+    """Held-out rewards of ODE samples, ``train.eval_samples`` per eval prompt (fixed seeds, so successive
+    evaluations differ only by the policy)."""
     config = session.config
     sigmas = flow_sigmas(config.train.eval_steps, config.sampler.shift)
     count = len(session.eval_prompts) * config.train.eval_samples
@@ -196,7 +213,7 @@ def evaluate(session: Session) -> float:
     samples = rollout(session.model, batch, sigmas, get_step_function("ode", 0.0)).final
     scores = score_in_batches(session.model, session.reward, samples, list(batch.prompts),
                               config.train.reward_batch_size)
-    return _nanmean(scores)
+    return Evaluation(scores=scores, prompts=list(batch.prompts))
 
 
 def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assigned: Credit, stats: UpdateStats,
@@ -229,6 +246,8 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
     """Run (or resume) training as configured; returns the run folder, the LoRA file, the metrics and the model."""
     hooks = hooks or TrainHooks()
     session = prepare(config, model=model, reward=reward, resume=resume)
+    counter = CallCounter(session.model)
+    session.model = counter
     log = MetricsLog(session.run_dir / "metrics.jsonl", resume_iteration=session.start_iteration)
     elapsed = log.records[-1].get("seconds_elapsed", 0.0) if log.records else 0.0
     iterations = range(session.start_iteration, config.train.iterations)
@@ -237,6 +256,7 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
         timer = PhaseTimer()
         with timer("eval"):
             evaluation = evaluate(session) if _eval_due(config, iteration) else None
+        counter.take()  # the work of the evaluation is not the iteration's
         with timer("rollout"):
             recorded = collect(session, iteration, hooks)
         with timer("rewards"):
@@ -245,9 +265,9 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
             stats = improve(session, recorded, assigned, iteration)
         elapsed += sum(timer.seconds.values()) - timer.seconds["eval"]
         record = iteration_metrics(iteration, session, recorded, assigned, stats, timer.seconds)
-        record["seconds_elapsed"] = elapsed
+        record.update(counter.take(), seconds_elapsed=elapsed)
         if evaluation is not None:
-            record["eval_reward_mean"] = evaluation
+            record["eval_reward_mean"] = evaluation.mean
         log.log(record)
         if hooks.on_iteration:
             hooks.on_iteration(record)
@@ -258,14 +278,14 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
             save_checkpoint(session.run_dir, done, config, lora_state_dict(session.model.module), session.optimizer,
                             keep=config.train.keep_checkpoints)
     if config.train.eval_every and session.start_iteration < config.train.iterations:
-        log.log({"iteration": config.train.iterations, "eval_reward_mean": evaluate(session),
+        log.log({"iteration": config.train.iterations, "eval_reward_mean": evaluate(session).mean,
                  "seconds_elapsed": elapsed})
     lora_path = save_lora(session.run_dir / "lora.safetensors", session.model.module, rank=config.lora.rank,
                           alpha=config.lora.alpha, target_modules=session.lora_targets)
     _export_lora(session.model, lora_path)
     curve = reward_curve_figure(log.records, title=f"credit: {config.credit.method}, sde: {config.sampler.sde}")
     save_png(curve, session.run_dir / "reward_curve.png")
-    return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=session.model,
+    return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=counter.model,
                        reward_curve=curve)
 
 

@@ -43,9 +43,13 @@ def recompute_steps(model: VelocityModel, rollout: Rollout, members: torch.Tenso
     return step_fn(x, velocity, sigma, sigma_next, prev_sample=x_next)
 
 
-def trainable_transitions(rollout: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(members, steps) of the transitions that train: active and with a finite advantage."""
+def trainable_transitions(rollout: Rollout, advantages: torch.Tensor, *,
+                          skip_zero_advantage: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(members, steps) of the transitions that train: active, with a finite advantage (and a nonzero one when
+    ``skip_zero_advantage``, as flow_grpo drops the samples of zero-variance groups)."""
     keep = rollout.active & torch.isfinite(advantages)
+    if skip_zero_advantage:
+        keep &= advantages != 0
     members, steps = torch.nonzero(keep, as_tuple=True)
     return members, steps
 
@@ -60,7 +64,7 @@ def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollou
         advantages: [N, T] constants (NaN = missing/masked).
         generator: seeds the shuffle (derived from (seed, iteration), so resumed runs shuffle identically).
     """
-    members, steps = trainable_transitions(rollout, advantages)
+    members, steps = trainable_transitions(rollout, advantages, skip_zero_advantage=config.skip_zero_advantage)
     total = len(members)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if total == 0:
@@ -81,7 +85,9 @@ def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollou
             if config.kl_beta > 0:
                 with torch.no_grad(), adapter_disabled(model.module):
                     reference = recompute_steps(model, rollout, m, k, step_fn)
-                kl = losses.kl_penalty(step.mean, reference.mean, step.std).mean()
+                sigmas = rollout.sigmas.to(step.mean.device)
+                step_size = sigmas[k] - sigmas[k + 1] if config.kl_scale == "flow_grpo" else None
+                kl = losses.kl_penalty(step.mean, reference.mean, step.std, step_size=step_size).mean()
                 loss = loss + config.kl_beta * kl
                 kl_value = float(kl.detach())
             (loss * len(micro) / len(minibatch)).backward()

@@ -1,5 +1,6 @@
 """SFGRPOTrainLoRA inside a real ComfyUI engine (in-process) on the committed mini world: it trains, writes its run
-folder and LoRA, hands back a model that KSampler uses, and its LoRA loads in the stock loaders with every key."""
+folder and LoRA, hands back a model that KSampler uses, and its LoRA loads in the stock loaders with every key. Also:
+the core backends' one LoRA file (diffusers' format) loads in ComfyUI's stock loader as it is, SD3 and FLUX."""
 
 import json
 import logging
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 CAPTURED: dict[str, dict] = {}
@@ -104,6 +106,10 @@ def test_training_writes_its_run_folder_and_lora_file(engine, trained):
     assert [r["iteration"] for r in records if "loss" in r] == [0, 1]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_000001", "iter_000002"]
     lora_file = engine.root / "loras" / "sfgrpo" / "test_run_00001.safetensors"
+    # one conversion: the loras/ file is the run folder's lora_comfyui.safetensors, config in its metadata
+    assert lora_file.read_bytes() == (run_dir / "lora_comfyui.safetensors").read_bytes()
+    with safe_open(str(lora_file), framework="pt") as handle:
+        assert json.loads(handle.metadata()["sfgrpo_config"]) == config
     on_disk = load_file(str(lora_file))
     assert set(on_disk) == set(trained["lora"])
     assert all(key.startswith("diffusion_model.joint_blocks.") for key in on_disk)
@@ -267,3 +273,117 @@ def test_the_runs_diffusers_lora_gives_the_comfyui_lora_model_in_diffusers(engin
         in_diffusers = core_world.velocity(x, sigma, core_world.encode_prompts(texts))
     assert (with_lora - base).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(in_diffusers, with_lora, rtol=1e-4, atol=1e-4)
+
+
+def _unloaded_keys(load) -> tuple[object, list[str]]:
+    """``load()``'s result and ComfyUI's "lora key not loaded" / "NOT LOADED" warnings while it ran."""
+    counter = _LogCounter()
+    logging.getLogger().addHandler(counter)
+    try:
+        result = load()
+    finally:
+        logging.getLogger().removeHandler(counter)
+    return result, [message for message in counter.messages if "not loaded" in message.lower()]
+
+
+def _random_lora_b(module: torch.nn.Module, std: float) -> None:
+    """Give the fresh adapters (B = 0) a visible effect."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std, generator=torch.Generator().manual_seed(len(name)))
+
+
+def test_the_core_backends_diffusers_lora_loads_in_the_stock_loader_as_it_is(engine, tmp_path):
+    """The one file the core's diffusers / mini-world backend exports (lora_diffusers.safetensors, q/k/v as separate
+    diffusers modules) loads through the stock LoraLoaderModelOnly with every key (ComfyUI puts q/k/v on its fused
+    qkv Linear itself) and gives the velocities of the same adapters in the core backend."""
+    import shutil
+
+    from sfgrpo_core.lora.adapters import adapter_disabled, attach_lora, save_lora
+    from sfgrpo_core.models import build
+
+    core = build("miniworld")
+    attach_lora(core.module, rank=4, alpha=8.0, target_modules=core.default_lora_targets)
+    _random_lora_b(core.module, 0.05)
+    trained = save_lora(tmp_path / "lora.safetensors", core.module, rank=4, alpha=8.0,
+                        target_modules=core.default_lora_targets)
+    exported = core.export_lora(trained)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lora.safetensors", "lora_diffusers.safetensors"]
+    assert any(key.endswith("attn.to_k.lora_A.weight") for key in load_file(str(exported)))
+    shutil.copy(exported, engine.root / "loras" / "core_run_diffusers.safetensors")
+
+    prompt = _base_graph()
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": "core_run_diffusers.safetensors", "strength_model": 1.0}}
+    prompt["capture"] = {"class_type": "TestCaptureAll", "inputs": {"key": "loaded", "model": ["lora", 0]}}
+    errors, unloaded = _unloaded_keys(lambda: run(engine, prompt))
+    assert not errors, errors[0]["exception_message"]
+    assert unloaded == []
+    comfy_world, base_world = _comfy_world(engine, CAPTURED["loaded"]["model"]), _comfy_world(engine)
+    texts, x, sigma = _inputs(core.sample_shape)
+    with torch.no_grad():
+        in_comfyui = comfy_world.velocity(x, sigma, comfy_world.encode_prompts(texts))
+        base = base_world.velocity(x, sigma, base_world.encode_prompts(texts))
+        in_core = core.velocity(x, sigma, core.encode_prompts(texts))
+        with adapter_disabled(core.module):
+            core_base = core.velocity(x, sigma, core.encode_prompts(texts))
+    assert (in_core - core_base).abs().max() > 0.1  # the LoRA does something
+    torch.testing.assert_close(base, core_base, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(in_comfyui, in_core, rtol=1e-4, atol=1e-4)
+
+
+def test_a_flux_diffusers_lora_gives_comfyuis_weights_of_the_merged_model(engine, tmp_path):
+    """FLUX (no tiny FLUX loads through ComfyUI's checkpoint detection, so ComfyUI's Flux model is built at tiny size
+    here): the stock loader's path (comfy.sd.load_lora_for_models) reads every key of the diffusers file, q/k/v and
+    proj_mlp included, and the patched weights are ComfyUI's own conversion of the diffusers weights with the LoRA
+    merged."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import tiny_models as tiny
+
+    from sfgrpo_core.lora.adapters import attach_lora, lora_state_dict, save_lora
+    from sfgrpo_core.lora.formats import export_lora, lora_modules
+    from sfgrpo_core.models.diffusers_backend import ATTENTION_LORA_TARGETS
+
+    transformer = tiny.tiny_flux_transformer()
+    base = {key: value.clone() for key, value in transformer.state_dict().items()}
+    targets = (*ATTENTION_LORA_TARGETS, "proj_mlp", "proj_out")
+    attach_lora(transformer, rank=2, alpha=4.0, target_modules=targets)
+    _random_lora_b(transformer, 0.3)
+    merged = dict(base)
+    for module, (down, up) in lora_modules(lora_state_dict(transformer)).items():
+        merged[f"{module}.weight"] = base[f"{module}.weight"] + up @ down * 4.0 / 2
+    trained = save_lora(tmp_path / "lora.safetensors", transformer, rank=2, alpha=4.0, target_modules=targets)
+    lora = load_file(str(export_lora(trained, tmp_path / "lora_diffusers.safetensors")))
+    assert any(key.endswith("single_transformer_blocks.0.proj_mlp.lora_A.weight") for key in lora)
+
+    def comfyui_weights(state):  # ComfyUI's diffusers -> ComfyUI conversion (it writes into its input: copies)
+        return comfy.model_detection.convert_diffusers_mmdit({k: v.clone() for k, v in state.items()}, "")
+
+    config = transformer.config
+    model = comfy.supported_models.Flux({
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": config.pooled_projection_dim,
+        "context_in_dim": config.joint_attention_dim, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2,
+        "depth": 1, "depth_single_blocks": 1, "axes_dim": list(config.axes_dims_rope), "theta": 10000,
+        "patch_size": 2, "qkv_bias": True, "guidance_embed": True}).get_model({})
+    model.diffusion_model.load_state_dict(comfyui_weights(base), strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    (patched, _), unloaded = _unloaded_keys(lambda: comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0))
+    assert unloaded == []
+    _, unloaded = _unloaded_keys(lambda: comfy.sd.load_lora_for_models(
+        patcher, None, {**lora, "transformer.not_a_module.lora_A.weight": torch.zeros(2, 32)}, 1.0, 0))
+    assert unloaded and all("not_a_module" in message for message in unloaded)  # the check above can fail
+    patched.patch_model()
+    expected, unchanged = comfyui_weights(merged), comfyui_weights(base)
+    weights = model.diffusion_model.state_dict()
+    changed = [key for key in expected if not torch.equal(expected[key], unchanged[key])]
+    assert sorted(changed) == ["double_blocks.0.img_attn.proj.weight", "double_blocks.0.img_attn.qkv.weight",
+                               "double_blocks.0.txt_attn.proj.weight", "double_blocks.0.txt_attn.qkv.weight",
+                               "final_layer.linear.weight", "single_blocks.0.linear1.weight",
+                               "single_blocks.0.linear2.weight"]
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-6, atol=1e-6)

@@ -70,3 +70,44 @@ def test_no_comfy_imports_pickles_or_eval_in_the_core():
     for path in (ROOT / "sfgrpo_core").rglob("*.py"):
         match = forbidden.search(path.read_text())
         assert match is None, f"{path.relative_to(ROOT)} contains {match.group(0)!r}"
+
+
+def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(relative level, module) of every import statement in ``path``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+    return found
+
+
+def test_the_algorithm_imports_torch_and_nothing_else_of_the_project():
+    allowed = {"torch", "math", "functools", "dataclasses", "collections", "typing", "__future__"}
+    for path in (ROOT / "sfgrpo_core" / "algorithm").glob("*.py"):
+        for level, module in _imports(path):
+            if level:
+                assert level == 1, f"{path.name} imports {'.' * level}{module}: the algorithm imports nothing else"
+            else:
+                assert module.split(".")[0] in allowed, f"{path.name} imports {module}"
+
+
+def test_the_library_never_imports_the_headless_comfyui_tooling():
+    """sfgrpo_core/headless/ (server manager, runner, workflow format, demo) is for the CLI only."""
+    for path in (ROOT / "sfgrpo_core").rglob("*.py"):
+        if "headless" in path.parts or path.name == "cli.py":
+            continue
+        for _, module in _imports(path):
+            assert "headless" not in module.split("."), f"{path.relative_to(ROOT)} imports {module}"
+    code = ("import sys, sfgrpo_core.training.trainer, sfgrpo_core.models, sfgrpo_core.rewards\n"
+            "print(sorted(name for name in sys.modules if name.startswith('sfgrpo_core.headless')))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_the_top_level_of_the_library_stays_small():
+    modules = sorted(path.name for path in (ROOT / "sfgrpo_core").glob("*.py"))
+    assert len(modules) <= 8, modules

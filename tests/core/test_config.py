@@ -55,11 +55,3 @@ def test_yaml_and_json_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
-
-
-def test_config_is_frozen():
-    config = Config()
-    import dataclasses
-
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        config.train.group_size = 3  # type: ignore[misc]

@@ -1,5 +1,6 @@
 """Defining properties of gains and advantages (algorithm.md section 5)."""
 
+import pytest
 import torch
 
 from sfgrpo_core.algorithm import advantages as credit
@@ -71,6 +72,24 @@ def test_masked_steps_are_left_out():
     advantages = credit.joint_advantages(gains, groups, mask=mask, eps=0.0)
     assert torch.isnan(advantages[:, 0]).all()
     torch.testing.assert_close(advantages[:, 1:].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("std_scope", ["group", "global"])
+@pytest.mark.parametrize("normalize", [credit.joint_advantages, credit.per_step_advantages])
+def test_changing_a_masked_gain_changes_no_advantage(normalize, std_scope):
+    """Masked gains stay out of every statistic (mean, group std, batch std): any value there gives the same
+    advantages, and they stay NaN."""
+    generator = torch.Generator().manual_seed(4)
+    gains = torch.rand(6, 4, generator=generator)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    mask = torch.rand(6, 4, generator=generator) > 0.3
+    mask[:, 0] = False  # a deterministic first step (the DDIM SDE at t = 1)
+    before = normalize(gains, groups, std_scope=std_scope, mask=mask, eps=0.0, clip=100.0)
+    changed = gains.clone()
+    changed[~mask] = 1000.0 * torch.randn(int((~mask).sum()), generator=generator)
+    after = normalize(changed, groups, std_scope=std_scope, mask=mask, eps=0.0, clip=100.0)
+    torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(before[~mask]).all() and torch.isfinite(before[mask]).all()
 
 
 def test_global_scope_divides_by_batch_std_and_clip_applies():

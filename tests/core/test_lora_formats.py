@@ -1,4 +1,6 @@
-"""LoRA export formats: exact weight deltas after fusing q/k/v for ComfyUI, key names, alpha, and diffusers' loader."""
+"""LoRA file formats: diffusers' keys (alpha folded, diffusers' own loader), ComfyUI's native keys of adapters on
+ComfyUI modules, and their exact split into diffusers modules. That ComfyUI's stock loader reads the diffusers file
+is checked against a real ComfyUI in tests/comfy/test_train_node.py."""
 
 import pytest
 import tiny_models as tiny
@@ -7,11 +9,10 @@ from safetensors import safe_open
 
 from sfgrpo_core.lora.adapters import attach_lora, lora_state_dict, save_lora
 from sfgrpo_core.lora.formats import (
-    comfyui_module,
     comfyui_to_diffusers,
     diffusers_modules,
     export_lora,
-    to_comfyui,
+    peft_to_comfyui_native,
     to_diffusers,
 )
 
@@ -40,62 +41,20 @@ def _comfy_delta(tensors, name):
     return up @ down * tensors[f"diffusion_model.{name}.alpha"] / down.shape[0]
 
 
-def test_sd3_fused_qkv_reproduces_the_separate_q_k_v_updates_exactly():
-    block = "transformer_blocks.1.attn"
-    names = [f"{block}.{part}" for part in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj")]
-    state = _state(dict.fromkeys(names, HIDDEN), torch.Generator().manual_seed(0))
-    tensors = to_comfyui(state, ALPHA, RANK, "sd3", CONFIG)
-    assert sorted(tensors) == sorted(f"diffusion_model.joint_blocks.1.{module}.{suffix}"
-                                     for module in ("x_block.attn.qkv", "x_block.attn.proj", "context_block.attn.qkv")
-                                     for suffix in ("lora_up.weight", "lora_down.weight", "alpha"))
-    fused = _comfy_delta(tensors, "joint_blocks.1.x_block.attn.qkv")
-    assert fused.shape == (3 * HIDDEN, HIDDEN)
-    assert tensors["diffusion_model.joint_blocks.1.x_block.attn.qkv.lora_down.weight"].shape == (3 * RANK, HIDDEN)
-    expected = torch.cat([_delta(state, f"{block}.{part}") for part in ("to_q", "to_k", "to_v")])
-    torch.testing.assert_close(fused, expected)
-    context = _comfy_delta(tensors, "joint_blocks.1.context_block.attn.qkv")  # k has no adapter: zero rows
-    zeros = torch.zeros(HIDDEN, HIDDEN)
-    torch.testing.assert_close(context, torch.cat([_delta(state, f"{block}.add_q_proj"), zeros,
-                                                   _delta(state, f"{block}.add_v_proj")]))
-    torch.testing.assert_close(_comfy_delta(tensors, "joint_blocks.1.x_block.attn.proj"),
-                               _delta(state, f"{block}.to_out.0"))
-    alphas = {key: value for key, value in tensors.items() if key.endswith(".alpha")}
-    assert all(value.dtype == torch.float32 and value.ndim == 0 for value in alphas.values())
-    assert float(alphas["diffusion_model.joint_blocks.1.x_block.attn.proj.alpha"]) == ALPHA
-    assert float(alphas["diffusion_model.joint_blocks.1.x_block.attn.qkv.alpha"]) == 3 * ALPHA
-    assert float(alphas["diffusion_model.joint_blocks.1.context_block.attn.qkv.alpha"]) == 2 * ALPHA
-
-
-@pytest.mark.parametrize("with_mlp", [False, True])
-def test_flux_single_block_linear1_fuses_qkv_and_the_mlp_input(with_mlp):
-    block = "single_transformer_blocks.0"
-    modules = {f"{block}.attn.to_q": HIDDEN, f"{block}.attn.to_k": HIDDEN, f"{block}.attn.to_v": HIDDEN,
-               f"{block}.proj_out": HIDDEN, "transformer_blocks.0.attn.add_k_proj": HIDDEN}
-    if with_mlp:
-        modules[f"{block}.proj_mlp"] = 4 * HIDDEN
-    state = _state(modules, torch.Generator().manual_seed(1))
-    tensors = to_comfyui(state, ALPHA, RANK, "flux", CONFIG)
-    linear1 = _comfy_delta(tensors, "single_blocks.0.linear1")
-    assert linear1.shape == (7 * HIDDEN, HIDDEN)
-    mlp = _delta(state, f"{block}.proj_mlp") if with_mlp else torch.zeros(4 * HIDDEN, HIDDEN)
-    torch.testing.assert_close(linear1, torch.cat([*(_delta(state, f"{block}.attn.{part}")
-                                                    for part in ("to_q", "to_k", "to_v")), mlp]))
-    torch.testing.assert_close(_comfy_delta(tensors, "single_blocks.0.linear2"), _delta(state, f"{block}.proj_out"))
-    txt = _comfy_delta(tensors, "double_blocks.0.txt_attn.qkv")
-    torch.testing.assert_close(txt[HIDDEN : 2 * HIDDEN], _delta(state, "transformer_blocks.0.attn.add_k_proj"))
-    assert not txt[:HIDDEN].any() and not txt[2 * HIDDEN :].any()
-
-
-def test_comfyui_module_names():
-    assert comfyui_module("sd3", "transformer_blocks.3.attn.to_add_out") == ("joint_blocks.3.context_block.attn.proj",
-                                                                             None)
-    assert comfyui_module("sd3", "transformer_blocks.0.attn2.to_v") == ("joint_blocks.0.x_block.attn2.qkv", 2)
-    assert comfyui_module("flux", "transformer_blocks.2.attn.to_out.0") == ("double_blocks.2.img_attn.proj", None)
-    assert comfyui_module("flux", "single_transformer_blocks.5.proj_mlp") == ("single_blocks.5.linear1", 3)
-    for architecture, module in (("sd3", "transformer_blocks.0.norm1.linear"), ("flux", "proj_out"),
-                                 ("sd3", "single_transformer_blocks.0.attn.to_q")):
-        with pytest.raises(ValueError, match="no ComfyUI"):
-            comfyui_module(architecture, module)
+def test_peft_to_comfyui_native_keys_alpha_and_updates():
+    """peft adapters on ComfyUI's module names -> the keys ComfyUI's SaveLoRA writes, with the training updates."""
+    modules = {"joint_blocks.0.x_block.attn.qkv": 3 * HIDDEN, "joint_blocks.0.x_block.attn.proj": HIDDEN}
+    state = {key: value.double() for key, value in _state(modules, torch.Generator().manual_seed(0)).items()}
+    native = peft_to_comfyui_native(state, ALPHA)
+    assert list(native) == sorted(f"diffusion_model.{name}.{suffix}" for name in modules
+                                  for suffix in ("lora_up.weight", "lora_down.weight", "alpha"))
+    assert all(tensor.dtype == torch.float32 for tensor in native.values())
+    alpha = native["diffusion_model.joint_blocks.0.x_block.attn.proj.alpha"]
+    assert alpha.ndim == 0 and float(alpha) == ALPHA
+    for name in modules:
+        torch.testing.assert_close(_comfy_delta(native, name), _delta(state, name).float())
+    with pytest.raises(ValueError, match="not a peft LoRA key"):
+        peft_to_comfyui_native({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)}, ALPHA)
 
 
 def test_to_diffusers_folds_alpha_and_diffusers_loader_reproduces_the_outputs(tmp_path):
@@ -120,35 +79,41 @@ def test_to_diffusers_folds_alpha_and_diffusers_loader_reproduces_the_outputs(tm
         torch.testing.assert_close(fresh(**inputs)[0], transformer(**inputs)[0])
 
     trained = save_lora(tmp_path / "lora.safetensors", transformer, rank=RANK, alpha=ALPHA, target_modules=["to_q"])
-    path = export_lora(trained, tmp_path / "comfy.safetensors", format="comfyui", architecture="sd3",
-                       transformer_config=transformer.config)
+    path = export_lora(trained, tmp_path / "diffusers.safetensors")
     with safe_open(str(path), framework="pt") as handle:
-        assert handle.metadata() == {"format": "comfyui"}
-        assert "diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight" in handle.keys()
-    with pytest.raises(ValueError, match="format"):
-        export_lora(trained, tmp_path / "x.safetensors", format="kohya")
+        assert handle.metadata() == {"format": "diffusers"}
+        assert sorted(handle.keys()) == sorted(f"transformer.{key}" for key in lora_state_dict(transformer))
 
 
 @pytest.mark.parametrize("architecture, modules", [
-    ("sd3", {f"transformer_blocks.2.attn.{part}": HIDDEN
-             for part in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")}),
-    ("flux", {**{f"single_transformer_blocks.1.attn.{part}": HIDDEN for part in ("to_q", "to_k", "to_v")},
-              "single_transformer_blocks.1.proj_mlp": 4 * HIDDEN, "single_transformer_blocks.1.proj_out": HIDDEN,
-              "transformer_blocks.0.attn.to_out.0": HIDDEN}),
+    ("sd3", {"joint_blocks.2.x_block.attn.qkv": 3 * HIDDEN, "joint_blocks.2.x_block.attn.proj": HIDDEN,
+             "joint_blocks.2.context_block.attn.qkv": 3 * HIDDEN}),
+    ("flux", {"single_blocks.1.linear1": 7 * HIDDEN, "single_blocks.1.linear2": HIDDEN,
+              "double_blocks.0.img_attn.proj": HIDDEN, "double_blocks.0.txt_attn.qkv": 3 * HIDDEN}),
 ])
-def test_comfyui_to_diffusers_gives_back_every_module_update(architecture, modules):
-    """ComfyUI's fused adapters split back into diffusers modules with exactly the training updates."""
-    state = _state(modules, torch.Generator().manual_seed(2))
-    back = comfyui_to_diffusers(to_comfyui(state, ALPHA, RANK, architecture, CONFIG), architecture)
-    assert sorted(back) == sorted(f"transformer.{name}.lora_{part}.weight" for name in modules for part in "AB")
-    for name in modules:
-        update = back[f"transformer.{name}.lora_B.weight"] @ back[f"transformer.{name}.lora_A.weight"]
-        torch.testing.assert_close(update, _delta(state, name))
+def test_comfyui_to_diffusers_splits_fused_adapters_exactly(architecture, modules):
+    """An adapter on ComfyUI's fused Linear splits into diffusers modules whose updates are its rows: q, k, v thirds
+    of a qkv; q, k, v, then the 4 x hidden MLP input in FLUX's linear1."""
+    native = peft_to_comfyui_native(_state(modules, torch.Generator().manual_seed(2)), ALPHA)
+    back = comfyui_to_diffusers(native, architecture)
+    parts = [(target, name, part) for name in modules for target, part in diffusers_modules(architecture, name)]
+    assert sorted(back) == sorted(f"transformer.{target}.lora_{ab}.weight" for target, _, _ in parts for ab in "AB")
+    for target, name, part in parts:
+        row, rows = (part or 0) * HIDDEN, 4 * HIDDEN if part == 3 else HIDDEN
+        update = back[f"transformer.{target}.lora_B.weight"] @ back[f"transformer.{target}.lora_A.weight"]
+        torch.testing.assert_close(update, _comfy_delta(native, name)[row : row + rows])
+    if architecture == "flux":
+        assert ("single_transformer_blocks.1.proj_mlp", 3) in diffusers_modules("flux", "single_blocks.1.linear1")
 
 
-def test_diffusers_modules_inverts_comfyui_module():
-    for module in ("transformer_blocks.3.attn.to_k", "transformer_blocks.0.attn.to_add_out"):
-        name, part = comfyui_module("sd3", module)
-        assert (module, part) in diffusers_modules("sd3", name)
+def test_diffusers_modules_names():
+    assert diffusers_modules("sd3", "joint_blocks.0.x_block.attn.qkv") == [
+        ("transformer_blocks.0.attn.to_q", 0), ("transformer_blocks.0.attn.to_k", 1),
+        ("transformer_blocks.0.attn.to_v", 2)]
+    assert diffusers_modules("sd3", "joint_blocks.3.context_block.attn.proj") == [
+        ("transformer_blocks.3.attn.to_add_out", None)]
+    assert diffusers_modules("flux", "double_blocks.2.img_attn.proj") == [("transformer_blocks.2.attn.to_out.0", None)]
     with pytest.raises(ValueError, match="no diffusers sd3 counterpart"):
         diffusers_modules("sd3", "joint_blocks.0.x_block.adaLN_modulation.1")
+    with pytest.raises(ValueError, match="architecture"):
+        diffusers_modules("kohya", "joint_blocks.0.x_block.attn.qkv")

@@ -1,0 +1,1 @@
+"""Benchmarks run from the CLI (`sfgrpo bench ...`); the library never imports them."""

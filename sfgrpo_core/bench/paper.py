@@ -1,0 +1,314 @@
+"""`sfgrpo bench paper`: the paper's claim in miniature. Flow-GRPO as published against Stepwise-Flow-GRPO and its
+ablations on the mini world, with identical prompts, budgets and seeds, several seeds per method, and a held-out
+evaluation precise enough to tell them apart.
+
+Each (arm, seed) run trains with checkpoints every ``eval_every`` iterations and no built-in evaluation; each
+checkpoint (and the base model, iteration 0) is then evaluated on the held-out MiniGenEval prompts with ODE samples
+(partial credit, strict accuracy, per category, standard error). Everything is resumable run by run: a finished
+training or evaluation is never redone, an interrupted one continues from its last checkpoint. Raw records:
+``OUT/runs/<arm>/seed<k>/{train/metrics.jsonl, evals.jsonl}``; summary ``OUT/paper.json``; curves ``OUT/paper.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_write_text
+from ..config import Config, load_config
+from ..lora.adapters import load_lora_state_dict
+from ..training.checkpoint import latest_checkpoint, load_checkpoint
+from ..training.metrics import json_safe
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPWISE_CONFIG = ROOT / "configs" / "miniworld.yaml"
+FLOW_GRPO_CONFIG = ROOT / "configs" / "miniworld_flow_grpo.yaml"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method or ablation: a recipe file and the fields it changes."""
+
+    recipe: Path
+    changes: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+ARMS: dict[str, Arm] = {
+    "flow_grpo": Arm(FLOW_GRPO_CONFIG, {}, "Flow-GRPO as published (configs/miniworld_flow_grpo.yaml)"),
+    "stepwise": Arm(STEPWISE_CONFIG, {}, "Stepwise-Flow-GRPO: DDIM SDE, gains of T'=2 completions, joint "
+                                         "normalization (configs/miniworld.yaml)"),
+    "credit_swap": Arm(STEPWISE_CONFIG, {"credit.method": "flow_grpo", "train.initial_noise": "shared"},
+                       "the Stepwise recipe with Flow-GRPO's credit only (same SDE, shared noise)"),
+    "per_step": Arm(STEPWISE_CONFIG, {"credit.normalization": "per_step"}, "Stepwise, per-step normalization"),
+    "stepwise_t1": Arm(STEPWISE_CONFIG, {"credit.substeps": 1}, "Stepwise with T' = 1 (one-step Tweedie)"),
+    "stepwise_t5": Arm(STEPWISE_CONFIG, {"credit.substeps": 5}, "Stepwise with T' = 5"),
+    "stepwise_flow_sde": Arm(STEPWISE_CONFIG, {"sampler.sde": "flow_grpo", "sampler.noise_level": 0.7},
+                             "Stepwise credit on the Flow-GRPO SDE"),
+}
+MAIN_ARMS = ("flow_grpo", "stepwise")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the benchmark runs; ``quick`` is a smoke test of minutes."""
+
+    arms: tuple[str, ...]
+    main_seeds: tuple[int, ...]
+    ablation_seeds: tuple[int, ...]
+    iterations: int
+    eval_every: int
+    eval_prompts_per_category: int
+    eval_samples: int
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(arm, seed) in the order they run: the main arms seed by seed, interleaved, then the ablations."""
+        order = [(arm, seed) for seed in self.main_seeds for arm in self.arms if arm in MAIN_ARMS]
+        return order + [(arm, seed) for arm in self.arms if arm not in MAIN_ARMS for seed in self.ablation_seeds]
+
+
+def full_plan(arms: Sequence[str] = tuple(ARMS)) -> Plan:
+    return Plan(arms=tuple(arms), main_seeds=(0, 1, 2), ablation_seeds=(0,), iterations=150, eval_every=25,
+                eval_prompts_per_category=8, eval_samples=8)
+
+
+def quick_plan(arms: Sequence[str] = MAIN_ARMS) -> Plan:
+    return Plan(arms=tuple(arms), main_seeds=(0,), ablation_seeds=(0,), iterations=2, eval_every=1,
+                eval_prompts_per_category=1, eval_samples=2)
+
+
+def arm_config(arm: str, seed: int, plan: Plan, run_dir: Path, quick: bool = False) -> Config:
+    """The training config of one run: the arm's recipe, the plan's budget, checkpoints at every evaluation."""
+    changes: dict[str, Any] = {
+        **ARMS[arm].changes, "train.seed": seed, "train.iterations": plan.iterations, "train.eval_every": 0,
+        "train.checkpoint_every": plan.eval_every, "train.keep_checkpoints": plan.iterations // plan.eval_every + 1,
+        "train.output_dir": str(run_dir / "train"),
+    }
+    if quick:
+        changes.update({"train.group_size": 6, "train.groups_per_iteration": 2, "sampler.steps": 4, "optim.lr": 0.01})
+    return load_config(ARMS[arm].recipe).replace(**changes)
+
+
+def train_run(config: Config) -> None:
+    """Train one run to its budget, resuming from its latest checkpoint when there is one."""
+    from ..training.trainer import train
+
+    run_dir = Path(config.train.output_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if (run_dir / "lora.safetensors").is_file() and checkpoint is not None and \
+            load_checkpoint(checkpoint).iteration >= config.train.iterations:
+        return
+    train(config, resume=checkpoint is not None)
+
+
+def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, Any]]:
+    """Evaluate the base model and every checkpoint not evaluated yet; returns all evaluation records."""
+    from ..miniworld.denoiser import heldout_prompt_set
+    from ..miniworld.geneval import category_means
+    from ..training.trainer import build_session, evaluate
+
+    path = run_dir / "evals.jsonl"
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    seen = {record["iteration"] for record in done}
+    metrics = _metrics(Path(config.train.output_dir) / "metrics.jsonl")
+    wanted = [i for i in range(0, plan.iterations + 1, plan.eval_every) if i not in seen]
+    if not wanted:
+        return done
+    eval_config = config.replace(**{"train.eval_prompts": heldout_prompt_set(plan.eval_prompts_per_category),
+                                    "train.eval_samples": plan.eval_samples})
+    session = build_session(eval_config)
+    base_lora = {name: value.clone() for name, value in session.model.module.state_dict().items() if "lora_" in name}
+    for iteration in wanted:
+        if iteration == 0:
+            session.model.module.load_state_dict(base_lora, strict=False)  # the fresh adapter: the base model
+        else:
+            folder = Path(config.train.output_dir) / "checkpoints" / f"iter_{iteration:06d}"
+            load_lora_state_dict(session.model.module, load_checkpoint(folder).lora)
+        start = time.perf_counter()
+        result = evaluate(session)
+        scores = result.scores.numpy().astype(np.float64)
+        finite = scores[np.isfinite(scores)]
+        record = {
+            "iteration": iteration,
+            "heldout": float(finite.mean()) if finite.size else math.nan,
+            "heldout_se": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else math.nan,
+            "strict": float((finite == 1.0).mean()) if finite.size else math.nan,
+            "samples": int(finite.size), "missing": int(scores.size - finite.size),
+            "per_category": category_means(result.scores, result.prompts),
+            "eval_seconds": time.perf_counter() - start,
+            **_cumulative(metrics, iteration),
+        }
+        done.append(record)
+        with path.open("a") as handle:
+            handle.write(json.dumps(json_safe(record)) + "\n")
+    return sorted(done, key=lambda record: record["iteration"])
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _cumulative(metrics: list[dict[str, Any]], iteration: int) -> dict[str, Any]:
+    """Samples seen, model calls, reward calls and training seconds after ``iteration`` iterations."""
+    before = [r for r in metrics if r.get("iteration", math.inf) < iteration and "loss" in r]
+    return {
+        "samples_seen": before[-1]["samples_seen"] if before else 0,
+        "model_calls": sum(r.get("model_calls", 0) for r in before),
+        "reward_calls": sum(r.get("reward_calls", 0) for r in before),
+        "seconds": before[-1]["seconds_elapsed"] if before else 0.0,
+    }
+
+
+def summarize(plan: Plan, out: Path, command: str) -> dict[str, Any]:
+    """paper.json: per arm the seeds, final held-out scores, curves and costs; Stepwise against Flow-GRPO."""
+    arms: dict[str, Any] = {}
+    for arm in plan.arms:
+        seeds = plan.main_seeds if arm in MAIN_ARMS else plan.ablation_seeds
+        runs = {seed: _load_run(out / "runs" / arm / f"seed{seed}") for seed in seeds}
+        runs = {seed: run for seed, run in runs.items() if run["evals"]}
+        if not runs:
+            continue
+        complete = {seed: run for seed, run in runs.items()
+                    if run["evals"][-1]["iteration"] == plan.iterations}
+        iterations = sorted({r["iteration"] for run in runs.values() for r in run["evals"]})
+        trained = [r for run in runs.values() for r in run["metrics"] if "loss" in r]
+        arms[arm] = {
+            "description": ARMS[arm].description,
+            "seeds": sorted(complete),
+            "seeds_started": sorted(runs),
+            "final_heldout": [complete[s]["evals"][-1]["heldout"] for s in sorted(complete)],
+            "final_strict": [complete[s]["evals"][-1]["strict"] for s in sorted(complete)],
+            "final_heldout_se": [complete[s]["evals"][-1]["heldout_se"] for s in sorted(complete)],
+            "base_heldout": [run["evals"][0]["heldout"] for run in runs.values() if run["evals"][0]["iteration"] == 0],
+            "curve": {str(i): {"heldout": _per_seed(runs, i, "heldout"), "strict": _per_seed(runs, i, "strict"),
+                               "seconds": _per_seed(runs, i, "seconds"), "model_calls": _per_seed(runs, i,
+                                                                                                  "model_calls"),
+                               "reward_calls": _per_seed(runs, i, "reward_calls")} for i in iterations},
+            "final_per_category": _category_means([complete[s]["evals"][-1] for s in complete]),
+            "seconds_per_iteration": _mean([r["seconds_rollout"] + r["seconds_rewards"] + r["seconds_update"]
+                                            for r in trained]),
+            "seconds_per_iteration_by_phase": {phase: _mean([r[f"seconds_{phase}"] for r in trained])
+                                               for phase in ("rollout", "rewards", "update")},
+            "model_calls_per_iteration": _mean([r.get("model_calls", math.nan) for r in trained]),
+            "reward_calls_per_iteration": _mean([r["reward_calls"] for r in trained]),
+        }
+    summary: dict[str, Any] = {
+        "command": command, "plan": plan.__dict__ | {"arms": list(plan.arms)}, "arms": arms,
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    summary.update(catch_up(arms.get("stepwise"), arms.get("flow_grpo"), plan.iterations))
+    atomic_write_text(out / "paper.json", json.dumps(json_safe(summary), indent=1) + "\n")
+    return summary
+
+
+def catch_up(stepwise: dict[str, Any] | None, flow_grpo: dict[str, Any] | None, budget: int) -> dict[str, Any]:
+    """Iterations and seconds Stepwise needs (mean curve over seeds) to reach Flow-GRPO's final held-out score (mean
+    over seeds), as fractions of Flow-GRPO's own; None when either is missing or Stepwise never reaches it."""
+    result: dict[str, Any] = {"iterations_ratio": None, "seconds_ratio": None, "flow_grpo_final": None}
+    if not stepwise or not flow_grpo or not flow_grpo["final_heldout"] or not stepwise["seeds"]:
+        return result
+    target = float(np.mean(flow_grpo["final_heldout"]))
+    flow_seconds = _mean(flow_grpo["curve"][str(budget)]["seconds"])
+    result["flow_grpo_final"] = target
+    for iteration, point in sorted(stepwise["curve"].items(), key=lambda item: int(item[0])):
+        if len(point["heldout"]) == len(stepwise["seeds"]) and _mean(point["heldout"]) >= target:
+            result["iterations_ratio"] = int(iteration) / budget
+            result["seconds_ratio"] = _mean(point["seconds"]) / flow_seconds if flow_seconds else None
+            result["stepwise_reaches_at_iteration"] = int(iteration)
+            break
+    return result
+
+
+def _load_run(run_dir: Path) -> dict[str, Any]:
+    evals = _metrics(run_dir / "evals.jsonl")
+    return {"evals": sorted(evals, key=lambda r: r["iteration"]), "metrics": _metrics(run_dir / "train" /
+                                                                                        "metrics.jsonl")}
+
+
+def _per_seed(runs: dict[int, dict[str, Any]], iteration: int, key: str) -> list[float]:
+    return [r[key] for run in runs.values() for r in run["evals"] if r["iteration"] == iteration]
+
+
+def _category_means(records: list[dict[str, Any]]) -> dict[str, float]:
+    categories = sorted({c for r in records for c in r["per_category"]})
+    return {c: _mean([r["per_category"][c] for r in records if r["per_category"].get(c) is not None])
+            for c in categories}
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Held-out MiniGenEval vs iteration and vs training seconds: mean over seeds, shaded +-1 std."""
+    from ..training.figures import _figure, _to_rgb, save_png
+
+    figure, canvas = _figure((1100, 420))
+    by_iteration, by_seconds = figure.subplots(1, 2, sharey=True)
+    for index, (arm, data) in enumerate(summary["arms"].items()):
+        points = sorted(data["curve"].items(), key=lambda item: int(item[0]))
+        x = np.array([int(i) for i, _ in points])
+        mean = np.array([_mean(p["heldout"]) for _, p in points])
+        std = np.array([float(np.std(p["heldout"])) if p["heldout"] else math.nan for _, p in points])
+        seconds = np.array([_mean(p["seconds"]) for _, p in points])
+        width = 2.2 if arm in MAIN_ARMS else 1.0
+        label = f"{arm} ({len(data['seeds_started'])} seed{'s' if len(data['seeds_started']) > 1 else ''})"
+        for axis, xs in ((by_iteration, x), (by_seconds, seconds)):
+            axis.plot(xs, mean, "o-", color=f"C{index}", linewidth=width, markersize=3, label=label)
+            axis.fill_between(xs, mean - std, mean + std, color=f"C{index}", alpha=0.12)
+    by_iteration.set_xlabel("iteration")
+    by_seconds.set_xlabel("training seconds (2 CPU cores, evaluation excluded)")
+    by_iteration.set_ylabel("held-out MiniGenEval (partial credit)")
+    for axis in (by_iteration, by_seconds):
+        axis.grid(alpha=0.3)
+    by_iteration.legend(fontsize=7, loc="best")
+    figure.suptitle("sfgrpo bench paper: mean over seeds, shaded +-1 std", fontsize=10)
+    figure.tight_layout()
+    return save_png(_to_rgb(canvas), path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="benchmarks/results/paper", help="results folder (resumable)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test of minutes (2 iterations, 1 seed)")
+    parser.add_argument("--arms", default="", help=f"comma-separated subset of: {', '.join(ARMS)}")
+    parser.add_argument("--summary-only", action="store_true", help="only rewrite paper.json and the figure")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    arms = [arm for arm in args.arms.split(",") if arm] or None
+    unknown = [arm for arm in arms or [] if arm not in ARMS]
+    if unknown:
+        print(f"sfgrpo bench paper: --arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        return 2
+    plan = quick_plan(arms or MAIN_ARMS) if args.quick else full_plan(arms or tuple(ARMS))
+    out = Path(args.out)
+    command = "sfgrpo bench paper" + (" --quick" if args.quick else "") + (f" --arms {args.arms}" if arms else "")
+    if not args.summary_only:
+        for arm, seed in plan.runs():
+            run_dir = out / "runs" / arm / f"seed{seed}"
+            config = arm_config(arm, seed, plan, run_dir, quick=args.quick)
+            print(f"[bench paper] {arm} seed {seed}: training", flush=True)
+            train_run(config)
+            print(f"[bench paper] {arm} seed {seed}: evaluating", flush=True)
+            evals = evaluate_run(config, plan, run_dir)
+            print(f"[bench paper] {arm} seed {seed}: held-out " +
+                  ", ".join(f"{r['iteration']}: {r['heldout']:.3f}" for r in evals), flush=True)
+            summarize(plan, out, command)
+    summary = summarize(plan, out, command)
+    plot(summary, out / "paper.png")
+    for arm, data in summary["arms"].items():
+        finals = data["final_heldout"]
+        if finals:
+            print(f"{arm:>18}: final held-out {np.mean(finals):.3f} +- {np.std(finals):.3f} over {len(finals)} "
+                  f"seed(s); {data['seconds_per_iteration']:.2f} s/iteration")
+    print(f"iterations_ratio {summary['iterations_ratio']}, seconds_ratio {summary['seconds_ratio']}")
+    return 0

@@ -1,0 +1,163 @@
+"""Step rewards (algorithm.md section 4): which image each r_k scores, r_0 once per group, batching, reward calls."""
+
+import pytest
+import torch
+
+from sfgrpo_core.algorithm import tweedie
+from sfgrpo_core.algorithm.schedule import flow_sigmas
+from sfgrpo_core.algorithm.sde import get_step_function
+from sfgrpo_core.config import CreditConfig
+from sfgrpo_core.models.toy import ToyVelocityNet, ToyWorld, prompt_mode
+from sfgrpo_core.training.credit import CREDIT_METHODS
+from sfgrpo_core.training.rollout import make_prompt_batch, rollout
+from sfgrpo_core.training.step_rewards import step_rewards
+
+PROMPTS = ["mode 0", "mode 3", "mode 5"]
+GROUP_SIZE, STEPS, SUBSTEPS = 3, 4, 3
+
+
+def toy_world(seed: int = 0) -> ToyWorld:
+    """A randomly initialised toy world (no pretraining): a real conditioned MLP VelocityModel, built at once."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ToyWorld(ToyVelocityNet(hidden=16).requires_grad_(False))
+
+
+class RecordingReward:
+    """Records every (image, prompt) it scores; the score identifies both: x + 3.7 y + 0.5 mode(prompt)."""
+
+    def __init__(self):
+        self.images: list[torch.Tensor] = []
+        self.prompts: list[str] = []
+        self.call_sizes: list[int] = []
+
+    def __call__(self, images, prompts, metadata=None):
+        self.images.append(images.detach().clone())
+        self.prompts += list(prompts)
+        self.call_sizes.append(len(prompts))
+        return score_of(images, prompts)
+
+    @property
+    def scored(self) -> int:
+        return sum(self.call_sizes)
+
+
+def score_of(points: torch.Tensor, prompts) -> torch.Tensor:
+    modes = torch.tensor([float(prompt_mode(prompt)) for prompt in prompts])
+    return points[:, 0] + 3.7 * points[:, 1] + 0.5 * modes
+
+
+def _rollout(model, sde="flow_grpo", shared_noise=True):
+    # None: make_prompt_batch's one draw per group; else one draw per member.
+    noise = None if shared_noise else torch.randn(len(PROMPTS) * GROUP_SIZE, 2,
+                                                  generator=torch.Generator().manual_seed(5))
+    batch = make_prompt_batch(model, PROMPTS, GROUP_SIZE, seed=0, iteration=0, initial_noise=noise)
+    return rollout(model, batch, flow_sigmas(STEPS), get_step_function(sde, 0.7))
+
+
+def _completion(model, recorded, k):
+    """State k of every member completed by hand: T' Euler substeps from sigma_k with the member's condition."""
+    condition = recorded.batch.condition
+
+    def velocity_fn(x, sigma):
+        return model.velocity(x, sigma, condition)
+
+    return tweedie.complete(velocity_fn, recorded.states[:, k], recorded.sigmas[k], SUBSTEPS)
+
+
+def _expected_items(model, recorded, shared_noise):
+    """(image, prompt) of everything that should be scored: r_0 once per group (its first member) when the group
+    shares x_1, else once per member; r_1..r_{T-1} the completions of every member's states; r_T every final
+    sample."""
+    prompts, group_ids = recorded.batch.prompts, recorded.batch.group_ids
+    first = [int(torch.nonzero(group_ids == group)[0, 0]) for group in torch.unique(group_ids)]
+    if not shared_noise:
+        first = list(range(len(prompts)))
+    images = [_completion(model, recorded, 0)[first]]
+    item_prompts = [prompts[i] for i in first]
+    for k in range(1, STEPS):
+        images.append(_completion(model, recorded, k))
+        item_prompts += prompts
+    images.append(recorded.states[:, STEPS])
+    item_prompts += prompts
+    return torch.cat(images), item_prompts
+
+
+def _sorted_items(images, prompts):
+    key = torch.tensor([100.0 * prompt_mode(prompt) for prompt in prompts]) + images[:, 0]
+    order = torch.argsort(key)
+    return images[order], [prompts[i] for i in order.tolist()]
+
+
+@pytest.mark.parametrize("shared_noise", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_every_reward_lands_in_its_member_and_step_cell(batch_size, shared_noise):
+    """r_k scores the T'-substep completion of state k at sigma_k, r_0 is the group's (broadcast to its members)
+    when the group shares x_1, r_T the final sample, with prompts aligned; a batch size that divides neither the
+    30 completions nor the 39 scored images (shared x_1) loses and misplaces nothing."""
+    model = toy_world()
+    recorded = _rollout(model, shared_noise=shared_noise)
+    reward = RecordingReward()
+    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_size=batch_size)
+
+    prompts = recorded.batch.prompts
+    assert result.shape == (len(prompts), STEPS + 1)
+    for k in range(STEPS):
+        torch.testing.assert_close(result[:, k], score_of(_completion(model, recorded, k), prompts))
+    torch.testing.assert_close(result[:, STEPS], score_of(recorded.states[:, STEPS], prompts), rtol=0, atol=0)
+    # Members sharing x_1 get their group's one r_0; with independent x_1 every member has its own.
+    r0 = result[:, 0].reshape(len(PROMPTS), GROUP_SIZE)
+    assert bool((r0 == r0[:, :1]).all()) == shared_noise
+    assert len(torch.unique(r0)) == (len(PROMPTS) if shared_noise else len(PROMPTS) * GROUP_SIZE)
+
+    assert max(reward.call_sizes) <= batch_size
+    expected_images, expected_prompts = _sorted_items(*_expected_items(model, recorded, shared_noise))
+    scored_images, scored_prompts = _sorted_items(torch.cat(reward.images), reward.prompts)
+    # The same multiset: nothing lost or scored twice (a shared r_0 once per group, not once per member).
+    assert scored_prompts == expected_prompts
+    torch.testing.assert_close(scored_images, expected_images)
+
+
+def test_a_shared_r0_is_scored_once_per_group_with_its_prompt():
+    model = toy_world()
+    recorded = _rollout(model)
+    reward = RecordingReward()
+    step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_size=64)
+    scored = torch.cat(reward.images)
+    r0_images = _completion(model, recorded, 0)
+    for group, prompt in enumerate(PROMPTS):
+        member = group * GROUP_SIZE
+        matches = [i for i in range(len(scored)) if torch.allclose(scored[i], r0_images[member], atol=1e-5, rtol=0)]
+        assert len(matches) == 1, (prompt, matches)
+        assert reward.prompts[matches[0]] == prompt
+
+
+def test_one_substep_scores_the_tweedie_estimate():
+    model = toy_world()
+    recorded = _rollout(model)
+    result = step_rewards(model, recorded, RecordingReward(), substeps=1, batch_size=5)
+    k = 2
+    sigma = recorded.sigmas[k].expand(len(recorded.batch.prompts))
+    x0_hat = tweedie.x0_estimate(recorded.states[:, k], model.velocity(recorded.states[:, k], sigma,
+                                                                        recorded.batch.condition), sigma)
+    torch.testing.assert_close(result[:, k], score_of(x0_hat, recorded.batch.prompts))
+
+
+@pytest.mark.parametrize("method", ["stepwise", "flow_grpo"])
+@pytest.mark.parametrize("shared_noise", [True, False])
+@pytest.mark.parametrize("batch_size", [4, 64])
+def test_reported_reward_calls_count_the_images_scored(method, shared_noise, batch_size):
+    model = toy_world()
+    recorded = _rollout(model, shared_noise=shared_noise)
+    reward = RecordingReward()
+    credit = CREDIT_METHODS[method](model, recorded, reward, CreditConfig(method=method, substeps=SUBSTEPS),
+                                    batch_size)
+    assert reward.scored > 0 and credit.reward_calls == reward.scored
+
+
+def test_stepwise_advantages_are_nan_exactly_where_the_rollout_is_inactive():
+    model = toy_world()
+    recorded = _rollout(model, sde="ddim")  # step 0 (t = 1) and the last step are deterministic
+    credit = CREDIT_METHODS["stepwise"](model, recorded, RecordingReward(), CreditConfig(substeps=SUBSTEPS), 64)
+    assert not recorded.active[:, 0].any() and not recorded.active[:, -1].any() and recorded.active.any()
+    assert torch.equal(torch.isfinite(credit.advantages), recorded.active)

@@ -1,0 +1,67 @@
+"""`sfgrpo bench paper --quick`: the benchmark's plumbing end to end in about a minute (the real run takes hours and
+its results are committed under benchmarks/results/paper; nothing here asserts a timing or a learning result)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from sfgrpo_core.bench.paper import catch_up
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _bench(out):
+    return subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "paper", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1200)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_quick_benchmark_writes_resumable_raw_records_and_a_summary(tmp_path):
+    out = tmp_path / "paper"
+    first = _bench(out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((out / "paper.json").read_text())
+    assert set(summary["arms"]) == {"flow_grpo", "stepwise"}
+    assert {"iterations_ratio", "seconds_ratio", "flow_grpo_final"} <= set(summary)
+    for arm, data in summary["arms"].items():
+        assert data["seeds"] == [0] and len(data["final_heldout"]) == 1 and len(data["final_strict"]) == 1
+        assert set(data["curve"]) == {"0", "1", "2"} and data["seconds_per_iteration"] > 0
+        assert set(data["seconds_per_iteration_by_phase"]) == {"rollout", "rewards", "update"}
+        evals = _lines(out / "runs" / arm / "seed0" / "evals.jsonl")
+        assert [r["iteration"] for r in evals] == [0, 1, 2]
+        for record in evals:
+            assert {"heldout", "heldout_se", "strict", "per_category", "samples_seen", "model_calls",
+                    "reward_calls", "seconds"} <= set(record)
+            assert 0 <= record["strict"] <= record["heldout"] <= 1  # scores lie in [0, 1]: mean >= share of 1s
+        assert evals[0]["model_calls"] == 0 and evals[2]["model_calls"] > evals[1]["model_calls"] > 0
+    # Stepwise costs more model calls and reward calls per iteration than Flow-GRPO (its completions).
+    arms = summary["arms"]
+    assert arms["stepwise"]["reward_calls_per_iteration"] > arms["flow_grpo"]["reward_calls_per_iteration"]
+    # The evaluation reads each checkpoint: the quick Flow-GRPO run moves its LoRA, and its scores move with it.
+    flow = _lines(out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl")
+    assert flow[2]["heldout"] != flow[0]["heldout"]
+    assert (out / "paper.png").stat().st_size > 5000
+
+    metrics = out / "runs" / "stepwise" / "seed0" / "train" / "metrics.jsonl"
+    before = (metrics.read_text(), (out / "runs" / "stepwise" / "seed0" / "evals.jsonl").read_text())
+    again = _bench(out)  # resumable: nothing finished is trained or evaluated again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (metrics.read_text(), (out / "runs" / "stepwise" / "seed0" / "evals.jsonl").read_text()) == before
+
+
+def test_catch_up_finds_where_stepwise_reaches_flow_grpos_final_score():
+    def arm(curve):
+        return {"seeds": [0, 1], "final_heldout": curve[-1][1],
+                "curve": {str(i): {"heldout": h, "seconds": [10.0 * i, 12.0 * i]} for i, h in curve}}
+
+    flow = arm([(0, [0.3, 0.3]), (100, [0.40, 0.44])])  # final 0.42 at 100 iterations, 1100 s
+    stepwise = arm([(0, [0.3, 0.3]), (25, [0.41, 0.42]), (50, [0.43, 0.42]), (100, [0.5, 0.5])])
+    result = catch_up(stepwise, flow, 100)
+    assert result["stepwise_reaches_at_iteration"] == 50 and result["iterations_ratio"] == 0.5
+    assert abs(result["seconds_ratio"] - 550 / 1100) < 1e-12
+    never = arm([(0, [0.3, 0.3]), (100, [0.35, 0.36])])
+    assert catch_up(never, flow, 100)["iterations_ratio"] is None
