@@ -25,7 +25,7 @@ import numpy as np
 from ..atomic import atomic_write_text
 from ..config import Config, load_config
 from ..lora.adapters import load_lora_state_dict
-from ..training.checkpoint import latest_checkpoint, load_checkpoint
+from ..training.checkpoint import checkpoint_iteration, latest_checkpoint, load_checkpoint
 from ..training.metrics import json_safe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +53,9 @@ ARMS: dict[str, Arm] = {
     "stepwise_t5": Arm(STEPWISE_CONFIG, {"credit.substeps": 5}, "Stepwise with T' = 5"),
     "stepwise_flow_sde": Arm(STEPWISE_CONFIG, {"sampler.sde": "flow_grpo", "sampler.noise_level": 0.7},
                              "Stepwise credit on the Flow-GRPO SDE"),
+    "stepwise_kl": Arm(STEPWISE_CONFIG, {"optim.kl_beta": 0.04},
+                       "Stepwise with Flow-GRPO's KL anchor (beta 0.04 on its scale)"),
+    "stepwise_clip": Arm(STEPWISE_CONFIG, {"optim.clip_range": 1e-4}, "Stepwise with Flow-GRPO's clip range 1e-4"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
 
@@ -85,9 +88,10 @@ def quick_plan(arms: Sequence[str] = MAIN_ARMS) -> Plan:
                 eval_prompts_per_category=1, eval_samples=2)
 
 
-def arm_config(arm: str, seed: int, plan: Plan, run_dir: Path, quick: bool = False) -> Config:
+def arm_config(arm: str, seed: int, plan: Plan, run_dir: Path, quick: bool = False, device: str = "cpu") -> Config:
     """The training config of one run: the arm's recipe, the plan's budget, checkpoints at every evaluation."""
     changes: dict[str, Any] = {
+        "model.device": device,
         **ARMS[arm].changes, "train.seed": seed, "train.iterations": plan.iterations, "train.eval_every": 0,
         "train.checkpoint_every": plan.eval_every, "train.keep_checkpoints": plan.iterations // plan.eval_every + 1,
         "train.output_dir": str(run_dir / "train"),
@@ -98,13 +102,12 @@ def arm_config(arm: str, seed: int, plan: Plan, run_dir: Path, quick: bool = Fal
 
 
 def train_run(config: Config) -> None:
-    """Train one run to its budget, resuming from its latest checkpoint when there is one."""
+    """Train one run up to config.train.iterations, resuming from its latest checkpoint when there is one (a resumed
+    run equals an uninterrupted one bit for bit, so a run trained in stages is the same run)."""
     from ..training.trainer import train
 
-    run_dir = Path(config.train.output_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    if (run_dir / "lora.safetensors").is_file() and checkpoint is not None and \
-            load_checkpoint(checkpoint).iteration >= config.train.iterations:
+    checkpoint = latest_checkpoint(config.train.output_dir)
+    if checkpoint is not None and checkpoint_iteration(checkpoint) >= config.train.iterations:
         return
     train(config, resume=checkpoint is not None)
 
@@ -119,7 +122,9 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     seen = {record["iteration"] for record in done}
     metrics = _metrics(Path(config.train.output_dir) / "metrics.jsonl")
-    wanted = [i for i in range(0, plan.iterations + 1, plan.eval_every) if i not in seen]
+    checkpoints = Path(config.train.output_dir) / "checkpoints"
+    wanted = [i for i in range(0, plan.iterations + 1, plan.eval_every)
+              if i not in seen and (i == 0 or (checkpoints / f"iter_{i:06d}" / "state.json").is_file())]
     if not wanted:
         return done
     eval_config = config.replace(**{"train.eval_prompts": heldout_prompt_set(plan.eval_prompts_per_category),
@@ -130,7 +135,7 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
         if iteration == 0:
             session.model.module.load_state_dict(base_lora, strict=False)  # the fresh adapter: the base model
         else:
-            folder = Path(config.train.output_dir) / "checkpoints" / f"iter_{iteration:06d}"
+            folder = checkpoints / f"iter_{iteration:06d}"
             load_lora_state_dict(session.model.module, load_checkpoint(folder).lora)
         start = time.perf_counter()
         result = evaluate(session)
@@ -147,6 +152,7 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
             **_cumulative(metrics, iteration),
         }
         done.append(record)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as handle:
             handle.write(json.dumps(json_safe(record)) + "\n")
     return sorted(done, key=lambda record: record["iteration"])
@@ -167,11 +173,11 @@ def _cumulative(metrics: list[dict[str, Any]], iteration: int) -> dict[str, Any]
     }
 
 
-def summarize(plan: Plan, out: Path, command: str) -> dict[str, Any]:
+def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[str, Any]:
     """paper.json: per arm the seeds, final held-out scores, curves and costs; Stepwise against Flow-GRPO."""
     arms: dict[str, Any] = {}
     for arm in plan.arms:
-        seeds = plan.main_seeds if arm in MAIN_ARMS else plan.ablation_seeds
+        seeds = sorted(int(path.name[4:]) for path in (out / "runs" / arm).glob("seed*"))  # every seed run so far
         runs = {seed: _load_run(out / "runs" / arm / f"seed{seed}") for seed in seeds}
         runs = {seed: run for seed, run in runs.items() if run["evals"]}
         if not runs:
@@ -201,7 +207,7 @@ def summarize(plan: Plan, out: Path, command: str) -> dict[str, Any]:
             "reward_calls_per_iteration": _mean([r["reward_calls"] for r in trained]),
         }
     summary: dict[str, Any] = {
-        "command": command, "plan": plan.__dict__ | {"arms": list(plan.arms)}, "arms": arms,
+        "command": command, "device": device, "plan": plan.__dict__ | {"arms": list(plan.arms)}, "arms": arms,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     summary.update(catch_up(arms.get("stepwise"), arms.get("flow_grpo"), plan.iterations))
@@ -266,7 +272,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
             axis.plot(xs, mean, "o-", color=f"C{index}", linewidth=width, markersize=3, label=label)
             axis.fill_between(xs, mean - std, mean + std, color=f"C{index}", alpha=0.12)
     by_iteration.set_xlabel("iteration")
-    by_seconds.set_xlabel("training seconds (2 CPU cores, evaluation excluded)")
+    by_seconds.set_xlabel(f"training seconds on {summary.get('device', 'cpu')} (evaluation excluded)")
     by_iteration.set_ylabel("held-out MiniGenEval (partial credit)")
     for axis in (by_iteration, by_seconds):
         axis.grid(alpha=0.3)
@@ -280,6 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results/paper", help="results folder (resumable)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of minutes (2 iterations, 1 seed)")
     parser.add_argument("--arms", default="", help=f"comma-separated subset of: {', '.join(ARMS)}")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds to run for every chosen arm instead of the "
+                                                    "plan's (e.g. one process per seed, in parallel)")
+    parser.add_argument("--device", default="cpu", help="torch device of the runs, e.g. cuda")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite paper.json and the figure")
 
 
@@ -291,19 +300,25 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     plan = quick_plan(arms or MAIN_ARMS) if args.quick else full_plan(arms or tuple(ARMS))
     out = Path(args.out)
-    command = "sfgrpo bench paper" + (" --quick" if args.quick else "") + (f" --arms {args.arms}" if arms else "")
+    command = " ".join(["sfgrpo bench paper", *(["--quick"] if args.quick else []),
+                        *([f"--arms {args.arms}"] if arms else []), *([f"--seeds {args.seeds}"] if args.seeds else []),
+                        *([f"--device {args.device}"] if args.device != "cpu" else [])])
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    runs = [(arm, seed) for arm in plan.arms for seed in seeds] if seeds else plan.runs()
     if not args.summary_only:
-        for arm, seed in plan.runs():
+        for arm, seed in runs:
             run_dir = out / "runs" / arm / f"seed{seed}"
-            config = arm_config(arm, seed, plan, run_dir, quick=args.quick)
-            print(f"[bench paper] {arm} seed {seed}: training", flush=True)
-            train_run(config)
-            print(f"[bench paper] {arm} seed {seed}: evaluating", flush=True)
+            config = arm_config(arm, seed, plan, run_dir, quick=args.quick, device=args.device)
+            # Train to each evaluation point and evaluate it, so a run cut short still has its curve so far.
             evals = evaluate_run(config, plan, run_dir)
+            for target in range(plan.eval_every, plan.iterations + 1, plan.eval_every):
+                print(f"[bench paper] {arm} seed {seed}: training to iteration {target}", flush=True)
+                train_run(config.replace(**{"train.iterations": target}))
+                evals = evaluate_run(config, plan, run_dir)
             print(f"[bench paper] {arm} seed {seed}: held-out " +
                   ", ".join(f"{r['iteration']}: {r['heldout']:.3f}" for r in evals), flush=True)
-            summarize(plan, out, command)
-    summary = summarize(plan, out, command)
+            summarize(plan, out, command, args.device)
+    summary = summarize(plan, out, command, args.device)
     plot(summary, out / "paper.png")
     for arm, data in summary["arms"].items():
         finals = data["final_heldout"]
