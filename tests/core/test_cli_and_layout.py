@@ -111,3 +111,12 @@ def test_the_library_never_imports_the_headless_comfyui_tooling():
 def test_the_top_level_of_the_library_stays_small():
     modules = sorted(path.name for path in (ROOT / "sfgrpo_core").glob("*.py"))
     assert len(modules) <= 8, modules
+
+
+def test_the_headless_tooling_finds_the_pack_and_the_demo_workflow():
+    """The headless tools locate files relative to their own module: a move of the module must not break them."""
+    from sfgrpo_core.headless.demo import TRAIN_WORKFLOW
+    from sfgrpo_core.headless.server import PACK_ROOT
+
+    assert TRAIN_WORKFLOW.is_file() and json.loads(TRAIN_WORKFLOW.read_text())
+    assert (PACK_ROOT / "__init__.py").is_file() and (PACK_ROOT / "nodes").is_dir() and PACK_ROOT == ROOT
