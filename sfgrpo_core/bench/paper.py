@@ -56,6 +56,8 @@ ARMS: dict[str, Arm] = {
     "stepwise_kl": Arm(STEPWISE_CONFIG, {"optim.kl_beta": 0.04},
                        "Stepwise with Flow-GRPO's KL anchor (beta 0.04 on its scale)"),
     "stepwise_clip": Arm(STEPWISE_CONFIG, {"optim.clip_range": 1e-4}, "Stepwise with Flow-GRPO's clip range 1e-4"),
+    "stepwise_lr": Arm(STEPWISE_CONFIG, {"optim.lr": 3e-4}, "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's "
+                                                            "default; the recipes use 1e-3)"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
 
