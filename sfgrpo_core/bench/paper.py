@@ -314,6 +314,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             # Train to each evaluation point and evaluate it, so a run cut short still has its curve so far.
             evals = evaluate_run(config, plan, run_dir)
             for target in range(plan.eval_every, plan.iterations + 1, plan.eval_every):
+                if any(record["iteration"] == target for record in evals):
+                    continue  # evaluated already (its checkpoint may be gone: only the records are committed)
                 print(f"[bench paper] {arm} seed {seed}: training to iteration {target}", flush=True)
                 train_run(config.replace(**{"train.iterations": target}))
                 evals = evaluate_run(config, plan, run_dir)

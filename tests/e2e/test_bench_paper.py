@@ -48,6 +48,10 @@ def test_quick_benchmark_writes_resumable_raw_records_and_a_summary(tmp_path):
 
     metrics = out / "runs" / "stepwise" / "seed0" / "train" / "metrics.jsonl"
     before = (metrics.read_text(), (out / "runs" / "stepwise" / "seed0" / "evals.jsonl").read_text())
+    import shutil
+
+    # Only the records are committed, not the checkpoints: a finished run must not be trained again without them.
+    shutil.rmtree(out / "runs" / "stepwise" / "seed0" / "train" / "checkpoints")
     again = _bench(out)  # resumable: nothing finished is trained or evaluated again
     assert again.returncode == 0, again.stderr[-3000:]
     assert (metrics.read_text(), (out / "runs" / "stepwise" / "seed0" / "evals.jsonl").read_text()) == before
