@@ -70,6 +70,22 @@ def make_parameters_trainable_safe(module: nn.Module) -> None:
                     owner.register_buffer(name, buffer.clone(), persistent=persistent)
 
 
+def fused_linears(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """ComfyUI's fused Linears -> row sizes of the projections they stack: q, k, v of every '...qkv' (SD3/SD3.5 and
+    FLUX attention), and q, k, v, mlp of FLUX's single-block linear1 (diffusers keeps them as separate Linears)."""
+    parts: dict[str, tuple[int, ...]] = {}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        if name.endswith("qkv") and layer.out_features % 3 == 0:
+            parts[name] = (layer.out_features // 3,) * 3
+        elif name.endswith("linear1") and name.startswith("single_blocks."):
+            block: Any = module.get_submodule(name.rpartition(".")[0])  # ComfyUI's SingleStreamBlock
+            hidden = int(block.hidden_dim)
+            parts[name] = (hidden, hidden, hidden, layer.out_features - 3 * hidden)
+    return parts
+
+
 class ComfyFlowModel:
     """VelocityModel over a ComfyUI ModelPatcher, a ComfyUI VAE and encoded prompts.
 
@@ -78,13 +94,12 @@ class ComfyFlowModel:
         vae: the VAE that decodes its latents (ComfyUI's VAE object).
         prompts: every prompt the run may use (train and evaluation) with its conditioning.
         width, height: image size in pixels (multiples of 16); the latent is 1/8 of it.
-        lora_alpha: alpha of the adapters, for the native export.
         decode_autocast: decode the reward's images under torch.autocast with this dtype on the VAE's device
             (bfloat16 makes a small VAE ~3x faster on a CPU, within ~3/255); None decodes as ComfyUI does.
     """
 
     def __init__(self, patcher: Any, vae: Any, prompts: PromptSet, *, width: int, height: int,
-                 lora_alpha: float = 1.0, default_prompts: Sequence[str] = (),
+                 default_prompts: Sequence[str] = (),
                  default_eval_prompts: Sequence[str] = (), decode_autocast: torch.dtype | None = None):
         import comfy.model_management
 
@@ -96,10 +111,10 @@ class ComfyFlowModel:
         self.vae = vae
         self.prompts = prompts
         self.device = patcher.load_device
-        self.lora_alpha = lora_alpha
         channels = int(patcher.model.latent_format.latent_channels)
         self.sample_shape: tuple[int, ...] = (channels, height // 8, width // 8)
         self.default_lora_targets = LORA_TARGETS.get(type(self.module).__name__, FALLBACK_LORA_TARGETS)
+        self.fused_lora_parts = fused_linears(self.module)
         self.default_prompts = tuple(default_prompts) or prompts.texts
         self.default_eval_prompts = tuple(default_eval_prompts)
         self._model_conds: dict[int, dict[str, Any]] = {}
@@ -158,8 +173,8 @@ class ComfyFlowModel:
         Raises:
             ValueError: when a trained module has no diffusers counterpart (the ComfyUI file is written first).
         """
-        state, _ = read_lora(lora_path)
-        native = peft_to_comfyui_native(state, self.lora_alpha)
+        state, metadata = read_lora(lora_path)
+        native = peft_to_comfyui_native(state, float(metadata["alpha"]) / int(metadata["rank"]))
         target = Path(lora_path).with_name(COMFYUI_LORA_FILE)
         metadata = {"format": "comfyui"}
         config_file = target.with_name("config.json")

@@ -202,7 +202,7 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         run_dir = run_folder(runs_root(), run_name, resume)
         shift = float(getattr(patched_model_sampling(model), "shift", 1.0))
         flow = ComfyFlowModel(model, vae, merge_prompts(prompts, eval_prompts), width=width, height=height,
-                              lora_alpha=settings["alpha"], default_prompts=prompts.texts,
+                              default_prompts=prompts.texts,
                               default_eval_prompts=eval_prompts.texts if eval_prompts else (),
                               decode_autocast=DECODE_AUTOCAST[reward_decode])
         config = build_config(settings, reward=reward, prompts=prompts, eval_prompts=eval_prompts, run_dir=run_dir,

@@ -56,6 +56,9 @@ ARMS: dict[str, Arm] = {
     "stepwise_kl": Arm(STEPWISE_CONFIG, {"optim.kl_beta": 0.04},
                        "Stepwise with Flow-GRPO's KL anchor (beta 0.04 on its scale)"),
     "stepwise_clip": Arm(STEPWISE_CONFIG, {"optim.clip_range": 1e-4}, "Stepwise with Flow-GRPO's clip range 1e-4"),
+    "stepwise_global_std": Arm(STEPWISE_CONFIG, {"credit.std_scope": "global"},
+                               "Stepwise with the std over the whole batch (Flow-GRPO's global_std): a group whose "
+                               "rewards barely differ gets small advantages instead of unit ones"),
     "stepwise_lr": Arm(STEPWISE_CONFIG, {"optim.lr": 3e-4}, "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's "
                                                             "default; the recipes use 1e-3)"),
 }

@@ -7,8 +7,10 @@ of the weights is kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +26,8 @@ ADAPTER = "default"
 FORMAT = "sfgrpo-peft-lora"
 
 
-def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str],
-                seed: int = 0) -> list[nn.Parameter]:
+def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str], seed: int = 0,
+                fused: Mapping[str, Sequence[int]] | None = None) -> list[nn.Parameter]:
     """Inject LoRA adapters (B initialised to 0, so the policy starts as the base model) and freeze the rest.
 
     Args:
@@ -33,6 +35,10 @@ def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: S
         rank, alpha: LoRA rank r and alpha (the update is scaled by alpha / r).
         target_modules: names (or name suffixes) of the Linear layers to adapt.
         seed: seeds the A matrices, without touching the global RNG.
+        fused: {module name: row sizes of the projections it stacks} for fused Linears (ComfyUI's q/k/v). Each
+            projection gets its own rank-r adapter, as if it were a Linear of its own: the layer gets rank
+            r x parts and alpha x parts (the same scale alpha / r) with lora_B kept block-diagonal (its gradient is
+            masked, and B starts at 0), so a fused model trains the parametrization of an unfused one.
 
     Returns:
         The trainable LoRA parameters.
@@ -42,9 +48,12 @@ def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: S
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    fused = dict(fused or {})
     # peft annotates lora_alpha as int, but only ever divides by it (scaling = alpha / r), so a float alpha works.
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),  # type: ignore[arg-type]
-                        lora_dropout=0.0)
+                        lora_dropout=0.0,
+                        rank_pattern={re.escape(name): rank * len(sizes) for name, sizes in fused.items()},
+                        alpha_pattern={re.escape(name): alpha * len(sizes) for name, sizes in fused.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -60,7 +69,28 @@ def attach_lora(module: nn.Module, *, rank: int, alpha: float, target_modules: S
             # Adapters train in float32 even on a bf16/fp16 base (peft casts activations to the adapter's dtype).
             parameter.data = parameter.data.float()
             parameters.append(parameter)
+    tuners = {name: layer for name, layer in module.named_modules() if name in fused and _is_tuner(layer)}
+    for name, layer in tuners.items():
+        up = layer.lora_B[ADAPTER].weight  # type: ignore[index]
+        mask = block_diagonal_mask(fused[name], rank).to(up.device)
+        if up.shape != mask.shape:
+            raise ValueError(f"fused module {name!r}: parts {list(fused[name])} do not fit its lora_B "
+                             f"{list(up.shape)}")
+        up.register_hook(functools.partial(torch.mul, mask))
     return parameters
+
+
+def block_diagonal_mask(sizes: Sequence[int], rank: int) -> torch.Tensor:
+    """[sum(sizes), rank * len(sizes)] float32: 1 where rows of part i meet rank columns i*r..(i+1)*r, else 0."""
+    rows = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes)))
+    columns = torch.arange(rank * len(sizes)) // rank
+    return (rows[:, None] == columns[None, :]).float()
+
+
+def _is_tuner(layer: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(layer, BaseTunerLayer)
 
 
 def _tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:

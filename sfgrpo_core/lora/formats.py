@@ -19,7 +19,7 @@ alpha / r (sfgrpo_core.lora). Two cases:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -96,14 +96,15 @@ def to_diffusers(state: Mapping[str, torch.Tensor], alpha: float, rank: int,
     return out
 
 
-def peft_to_comfyui_native(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def peft_to_comfyui_native(state: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """peft adapters on ComfyUI's own modules -> ComfyUI's native LoRA, as the stock SaveLoRA writes it and
     LoraLoaderModelOnly reads it.
 
     Args:
         state: '<module>.lora_A.weight' [r, in] and '.lora_B.weight' [out, r] under the names of ComfyUI's diffusion
             model (e.g. 'joint_blocks.0.x_block.attn.qkv'), as sfgrpo_core.lora.lora_state_dict gives them.
-        alpha: the adapters' alpha (ComfyUI scales by alpha / r, as peft does).
+        scale: the adapters' scale alpha / r (ComfyUI scales by alpha / rank, as peft does; a fused module's adapter
+            has rank r x parts, see sfgrpo_core.lora.attach_lora, so its alpha is this scale times its own rank).
 
     Returns:
         'diffusion_model.<module>.lora_down.weight' = A, '.lora_up.weight' = B (float32, CPU) and '.alpha' (0-d
@@ -114,7 +115,7 @@ def peft_to_comfyui_native(state: Mapping[str, torch.Tensor], alpha: float) -> d
         key = f"diffusion_model.{module}"
         for suffix, tensor in zip(_NATIVE_SUFFIXES, pair, strict=True):
             native[f"{key}{suffix}"] = tensor.detach().float().contiguous().cpu()
-        native[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        native[f"{key}.alpha"] = torch.tensor(scale * pair[0].shape[0], dtype=torch.float32)
     return dict(sorted(native.items()))
 
 
@@ -143,8 +144,9 @@ def comfyui_to_diffusers(native: Mapping[str, torch.Tensor], architecture: str,
     keys.
 
     Each adapter's scale alpha / r is folded into lora_B (diffusers then needs no alpha). A fused Linear (q/k/v, FLUX's
-    linear1) is split exactly: every part keeps the whole lora_down and takes its own rows of lora_up; the parts are
-    equal thirds of a qkv, and 3 x hidden + 4 x hidden rows of FLUX's linear1.
+    linear1) is split exactly: every part takes its own rows of lora_up and the whole lora_down, or, when lora_up is
+    block-diagonal over the parts (the trainer's fused adapters, one rank-r adapter per part), only its own block
+    of rank r. The parts are equal thirds of a qkv, and 3 x hidden + 4 x hidden rows of FLUX's linear1.
     """
     head = f"{prefix}." if prefix else ""
     out: dict[str, torch.Tensor] = {}
@@ -164,12 +166,32 @@ def comfyui_to_diffusers(native: Mapping[str, torch.Tensor], architecture: str,
             sizes = (hidden, hidden, hidden, 4 * hidden)
         else:
             sizes = (up.shape[0] // 3,) * 3
+        blocks = _diagonal_blocks(up, sizes)
         for diffusers_name, part in targets:
             index = 0 if part is None else part
-            row = sum(sizes[:index])
-            out[f"{head}{diffusers_name}.lora_A.weight"] = down.clone()
-            out[f"{head}{diffusers_name}.lora_B.weight"] = up[row : row + sizes[index]] * scale
+            rows = slice(sum(sizes[:index]), sum(sizes[: index + 1]))
+            columns = slice(None) if blocks is None else blocks[index]
+            out[f"{head}{diffusers_name}.lora_A.weight"] = down[columns].clone()
+            out[f"{head}{diffusers_name}.lora_B.weight"] = up[rows, columns] * scale
     return out
+
+
+def _diagonal_blocks(up: torch.Tensor, sizes: Sequence[int]) -> list[slice] | None:
+    """The rank columns of each part when ``up`` [sum(sizes), rank] is block-diagonal over more than one part (part
+    i's rows are zero outside columns i*rank/parts..(i+1)*rank/parts), else None."""
+    parts = len(sizes)
+    if parts == 1 or up.shape[1] % parts:
+        return None
+    width = up.shape[1] // parts
+    blocks = [slice(i * width, (i + 1) * width) for i in range(parts)]
+    start = 0
+    for size, block in zip(sizes, blocks, strict=True):
+        outside = up[start : start + size].clone()
+        outside[:, block] = 0
+        if outside.any():
+            return None
+        start += size
+    return blocks
 
 
 def export_lora(lora_path: str | Path, output_path: str | Path) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -18,12 +18,15 @@ class VelocityModel(Protocol):
     Attributes:
         module: the network LoRA adapters attach to (its base weights stay frozen).
         default_lora_targets: module names that get adapters when the config names none.
+        fused_lora_parts: {module name: row sizes of the projections it stacks} for fused Linears (ComfyUI's q/k/v);
+            each projection gets its own adapter (sfgrpo_core.lora.attach_lora). Empty for unfused models.
         sample_shape: shape of one sample without the batch dimension (a latent, or a 2-D point).
         default_prompts, default_eval_prompts: prompts used when the config gives none.
     """
 
     module: nn.Module
     default_lora_targets: tuple[str, ...]
+    fused_lora_parts: Mapping[str, tuple[int, ...]]
     sample_shape: tuple[int, ...]
     default_prompts: tuple[str, ...]
     default_eval_prompts: tuple[str, ...]

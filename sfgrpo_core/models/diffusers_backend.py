@@ -14,8 +14,9 @@ branch per sample (algorithm.md section 6).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -99,6 +100,7 @@ class DiffusersFlowModel:
     module: nn.Module
     vae: Any
     default_lora_targets: tuple[str, ...]
+    fused_lora_parts: Mapping[str, tuple[int, ...]] = MappingProxyType({})  # diffusers keeps q, k, v apart
     sample_shape: tuple[int, ...]
     default_prompts: tuple[str, ...]
     default_eval_prompts: tuple[str, ...]

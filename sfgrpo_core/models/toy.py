@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -101,6 +102,7 @@ class ToyWorld:
 
     # Typed as the VelocityModel protocol declares them (its attributes are settable, so the types must match).
     default_lora_targets: tuple[str, ...] = ("input", "hidden1", "hidden2", "output")
+    fused_lora_parts: Mapping[str, tuple[int, ...]] = MappingProxyType({})
     sample_shape: tuple[int, ...] = (2,)
     default_prompts: tuple[str, ...] = ("mode 0", "mode 3")
     default_eval_prompts: tuple[str, ...] = ("mode 0", "mode 3")

@@ -98,7 +98,7 @@ def build_session(config: Config, *, model: VelocityModel | None = None,
                              cache_dir=run_dir if run_dir.is_dir() else None, **config.model_kwargs)
     targets = config.lora.target_modules or model.default_lora_targets
     parameters = attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
-                             seed=seeding.derive_seed(config.train.seed, "lora"))
+                             seed=seeding.derive_seed(config.train.seed, "lora"), fused=model.fused_lora_parts)
     optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     session = Session(
         config=config, model=model, optimizer=optimizer, run_dir=run_dir, lora_targets=tuple(targets),

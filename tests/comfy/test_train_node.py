@@ -244,6 +244,9 @@ def test_comfyui_backend_matches_the_core_mini_world_backend(engine):
 
     comfy_world, core_world = _comfy_world(engine), build("miniworld")
     assert comfy_world.sample_shape == core_world.sample_shape
+    assert comfy_world.fused_lora_parts == {  # ComfyUI's fused q/k/v: one adapter per projection when training
+        f"joint_blocks.{block}.{stream}.attn.qkv": (256, 256, 256) for block in range(4)
+        for stream in ("x_block", "context_block")}
     texts, x, sigma = _inputs(core_world.sample_shape)
     with torch.no_grad():
         comfy_velocity = comfy_world.velocity(x, sigma, comfy_world.encode_prompts(texts))
@@ -259,8 +262,13 @@ def test_comfyui_backend_matches_the_core_mini_world_backend(engine):
 
 
 def test_the_runs_diffusers_lora_gives_the_comfyui_lora_model_in_diffusers(engine, trained):
-    """lora_diffusers.safetensors in diffusers' own loader reproduces the node's MODEL output (ComfyUI's LoRA)."""
+    """lora_diffusers.safetensors in diffusers' own loader reproduces the node's MODEL output (ComfyUI's LoRA), and
+    the node trained one rank-r adapter per projection on ComfyUI's fused q/k/v (as the core's backends do)."""
     from sfgrpo_core.models import build
+
+    ranks = {tuple(tensor.shape) for key, tensor in trained["diffusers_lora"].items() if key.endswith("lora_A.weight")}
+    assert {rows for rows, _ in ranks} == {SETTINGS["rank"]}
+    assert any(key.endswith("attn.to_k.lora_A.weight") for key in trained["diffusers_lora"])
 
     core_world = build("miniworld")
     core_world.module.load_lora_adapter(trained["diffusers_lora"], prefix="transformer")
@@ -370,6 +378,10 @@ def test_a_flux_diffusers_lora_gives_comfyuis_weights_of_the_merged_model(engine
         "depth": 1, "depth_single_blocks": 1, "axes_dim": list(config.axes_dims_rope), "theta": 10000,
         "patch_size": 2, "qkv_bias": True, "guidance_embed": True}).get_model({})
     model.diffusion_model.load_state_dict(comfyui_weights(base), strict=True)
+    fused_linears = _package_module(engine, "comfy_model").fused_linears
+    assert fused_linears(model.diffusion_model) == {  # the node gives each of these projections its own adapter
+        "double_blocks.0.img_attn.qkv": (32, 32, 32), "double_blocks.0.txt_attn.qkv": (32, 32, 32),
+        "single_blocks.0.linear1": (32, 32, 32, 128)}
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
     (patched, _), unloaded = _unloaded_keys(lambda: comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0))

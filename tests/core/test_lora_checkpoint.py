@@ -100,3 +100,66 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
         checkpoint.save_checkpoint(tmp_path, 2, Config(), lora.lora_state_dict(net), optimizer)
     assert checkpoint.latest_checkpoint(tmp_path).name == "iter_000001"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["iter_000001"]
+
+
+class _Fused(torch.nn.Module):
+    """q, k, v stacked in one Linear (as ComfyUI keeps them), and a separate head."""
+
+    def __init__(self, width: int, sizes: tuple[int, ...]):
+        super().__init__()
+        self.qkv = torch.nn.Linear(width, sum(sizes))
+        self.head = torch.nn.Linear(sum(sizes), 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.qkv(x)))
+
+
+class _Separate(torch.nn.Module):
+    """The same network with one Linear per projection (as diffusers keeps them)."""
+
+    def __init__(self, fused: _Fused, sizes: tuple[int, ...]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList()
+        start = 0
+        for size in sizes:
+            part = torch.nn.Linear(fused.qkv.in_features, size)
+            part.load_state_dict({"weight": fused.qkv.weight[start : start + size],
+                                  "bias": fused.qkv.bias[start : start + size]})
+            self.parts.append(part)
+            start += size
+        self.head = torch.nn.Linear(sum(sizes), 1)
+        self.head.load_state_dict(fused.head.state_dict())
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.cat([part(x) for part in self.parts], dim=-1)))
+
+
+def test_a_fused_linear_trains_one_adapter_per_projection_like_separate_linears():
+    """attach_lora(fused=...) gives a fused q/k/v Linear the parametrization of three separate ones: with the same A
+    matrices, AdamW steps on the same loss keep both networks equal, and lora_B stays block-diagonal."""
+    sizes, rank, width = (6, 6, 4), 2, 5
+    torch.manual_seed(0)
+    fused = _Fused(width, sizes)
+    separate = _Separate(fused, sizes)
+    trained = {
+        "fused": lora.attach_lora(fused, rank=rank, alpha=3.0, target_modules=["qkv"], fused={"qkv": sizes}),
+        "separate": lora.attach_lora(separate, rank=rank, alpha=3.0, target_modules=["parts.0", "parts.1", "parts.2"]),
+    }
+    with torch.no_grad():  # the same initial A: the separate adapters' A matrices stacked
+        fused.qkv.lora_A["default"].weight.copy_(torch.cat([part.lora_A["default"].weight for part in separate.parts]))
+    assert fused.qkv.lora_A["default"].weight.shape == (3 * rank, width)
+    optimizers = {name: torch.optim.AdamW(parameters, lr=0.05) for name, parameters in trained.items()}
+    x = torch.randn(32, width, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(32, 1, generator=torch.Generator().manual_seed(2))
+    for _ in range(5):
+        for name, network in (("fused", fused), ("separate", separate)):
+            optimizers[name].zero_grad()
+            ((network(x) - target) ** 2).mean().backward()
+            optimizers[name].step()
+    up = fused.qkv.lora_B["default"].weight.detach()
+    assert up.abs().sum() > 0
+    assert torch.equal(up * (1 - lora.block_diagonal_mask(sizes, rank)), torch.zeros_like(up))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), separate(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora.attach_lora(_Fused(width, sizes), rank=rank, alpha=3.0, target_modules=["qkv"], fused={"qkv": (8, 9)})

@@ -7,7 +7,7 @@ import tiny_models as tiny
 import torch
 from safetensors import safe_open
 
-from sfgrpo_core.lora.adapters import attach_lora, lora_state_dict, save_lora
+from sfgrpo_core.lora.adapters import attach_lora, block_diagonal_mask, lora_state_dict, save_lora
 from sfgrpo_core.lora.formats import (
     comfyui_to_diffusers,
     diffusers_modules,
@@ -45,7 +45,7 @@ def test_peft_to_comfyui_native_keys_alpha_and_updates():
     """peft adapters on ComfyUI's module names -> the keys ComfyUI's SaveLoRA writes, with the training updates."""
     modules = {"joint_blocks.0.x_block.attn.qkv": 3 * HIDDEN, "joint_blocks.0.x_block.attn.proj": HIDDEN}
     state = {key: value.double() for key, value in _state(modules, torch.Generator().manual_seed(0)).items()}
-    native = peft_to_comfyui_native(state, ALPHA)
+    native = peft_to_comfyui_native(state, ALPHA / RANK)
     assert list(native) == sorted(f"diffusion_model.{name}.{suffix}" for name in modules
                                   for suffix in ("lora_up.weight", "lora_down.weight", "alpha"))
     assert all(tensor.dtype == torch.float32 for tensor in native.values())
@@ -54,7 +54,7 @@ def test_peft_to_comfyui_native_keys_alpha_and_updates():
     for name in modules:
         torch.testing.assert_close(_comfy_delta(native, name), _delta(state, name).float())
     with pytest.raises(ValueError, match="not a peft LoRA key"):
-        peft_to_comfyui_native({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)}, ALPHA)
+        peft_to_comfyui_native({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)}, ALPHA / RANK)
 
 
 def test_to_diffusers_folds_alpha_and_diffusers_loader_reproduces_the_outputs(tmp_path):
@@ -94,7 +94,7 @@ def test_to_diffusers_folds_alpha_and_diffusers_loader_reproduces_the_outputs(tm
 def test_comfyui_to_diffusers_splits_fused_adapters_exactly(architecture, modules):
     """An adapter on ComfyUI's fused Linear splits into diffusers modules whose updates are its rows: q, k, v thirds
     of a qkv; q, k, v, then the 4 x hidden MLP input in FLUX's linear1."""
-    native = peft_to_comfyui_native(_state(modules, torch.Generator().manual_seed(2)), ALPHA)
+    native = peft_to_comfyui_native(_state(modules, torch.Generator().manual_seed(2)), ALPHA / RANK)
     back = comfyui_to_diffusers(native, architecture)
     parts = [(target, name, part) for name in modules for target, part in diffusers_modules(architecture, name)]
     assert sorted(back) == sorted(f"transformer.{target}.lora_{ab}.weight" for target, _, _ in parts for ab in "AB")
@@ -117,3 +117,25 @@ def test_diffusers_modules_names():
         diffusers_modules("sd3", "joint_blocks.0.x_block.adaLN_modulation.1")
     with pytest.raises(ValueError, match="architecture"):
         diffusers_modules("kohya", "joint_blocks.0.x_block.attn.qkv")
+
+
+def test_block_diagonal_fused_adapter_splits_into_rank_r_parts():
+    """The trainer's fused adapters (one rank-r adapter per projection, lora_B block-diagonal, alpha x parts) are
+    written with their own alpha and split back into rank-r diffusers adapters with the same updates."""
+    generator = torch.Generator().manual_seed(3)
+    sizes = (HIDDEN, HIDDEN, HIDDEN)
+    up = torch.randn(3 * HIDDEN, 3 * RANK, generator=generator) * block_diagonal_mask(sizes, RANK)
+    state = {"joint_blocks.1.x_block.attn.qkv.lora_A.weight": torch.randn(3 * RANK, HIDDEN, generator=generator),
+             "joint_blocks.1.x_block.attn.qkv.lora_B.weight": up}
+    native = peft_to_comfyui_native(state, ALPHA / RANK)
+    assert float(native["diffusion_model.joint_blocks.1.x_block.attn.qkv.alpha"]) == 3 * ALPHA
+    back = comfyui_to_diffusers(native, "sd3")
+    for part, projection in enumerate(("to_q", "to_k", "to_v")):
+        down = back[f"transformer.transformer_blocks.1.attn.{projection}.lora_A.weight"]
+        lifted = back[f"transformer.transformer_blocks.1.attn.{projection}.lora_B.weight"]
+        assert down.shape == (RANK, HIDDEN) and lifted.shape == (HIDDEN, RANK)
+        rows = slice(part * HIDDEN, (part + 1) * HIDDEN)
+        torch.testing.assert_close(lifted @ down, _comfy_delta(native, "joint_blocks.1.x_block.attn.qkv")[rows])
+    up[0, -1] = 1.0  # no longer block-diagonal: every part keeps the whole rank
+    back = comfyui_to_diffusers(peft_to_comfyui_native(state, ALPHA / RANK), "sd3")
+    assert back["transformer.transformer_blocks.1.attn.to_q.lora_A.weight"].shape == (3 * RANK, HIDDEN)

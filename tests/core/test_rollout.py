@@ -1,5 +1,8 @@
 """Rollouts: the recorded trajectory, which transitions train (the active mask), and member independence."""
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import pytest
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ class ElementwiseModel:
     products and sums only, so it is bit-identical whatever else shares the batch (a matmul is not)."""
 
     default_lora_targets: tuple[str, ...] = ()
+    fused_lora_parts: Mapping[str, tuple[int, ...]] = MappingProxyType({})
     sample_shape: tuple[int, ...] = (2,)
     default_prompts: tuple[str, ...] = tuple(PROMPTS)
     default_eval_prompts: tuple[str, ...] = tuple(PROMPTS)
