@@ -181,7 +181,7 @@ def _cumulative(metrics: list[dict[str, Any]], iteration: int) -> dict[str, Any]
 def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[str, Any]:
     """paper.json: per arm the seeds, final held-out scores, curves and costs; Stepwise against Flow-GRPO."""
     arms: dict[str, Any] = {}
-    for arm in plan.arms:
+    for arm in [arm for arm in ARMS if (out / "runs" / arm).is_dir()]:  # every arm run so far, whatever the plan
         seeds = sorted(int(path.name[4:]) for path in (out / "runs" / arm).glob("seed*"))  # every seed run so far
         runs = {seed: _load_run(out / "runs" / arm / f"seed{seed}") for seed in seeds}
         runs = {seed: run for seed, run in runs.items() if run["evals"]}
@@ -203,6 +203,7 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
                                "seconds": _per_seed(runs, i, "seconds"), "model_calls": _per_seed(runs, i,
                                                                                                   "model_calls"),
                                "reward_calls": _per_seed(runs, i, "reward_calls")} for i in iterations},
+            "largest_drop_from_peak": [_drop_from_peak(complete[s]["evals"]) for s in sorted(complete)],
             "final_per_category": _category_means([complete[s]["evals"][-1] for s in complete]),
             "seconds_per_iteration": _mean([r["seconds_rollout"] + r["seconds_rewards"] + r["seconds_update"]
                                             for r in trained]),
@@ -216,6 +217,8 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     summary.update(catch_up(arms.get("stepwise"), arms.get("flow_grpo"), plan.iterations))
+    summary["catch_up_by_arm"] = {arm: catch_up(data, arms.get("flow_grpo"), plan.iterations)
+                                  for arm, data in arms.items() if arm != "flow_grpo"}
     atomic_write_text(out / "paper.json", json.dumps(json_safe(summary), indent=1) + "\n")
     return summary
 
@@ -236,6 +239,11 @@ def catch_up(stepwise: dict[str, Any] | None, flow_grpo: dict[str, Any] | None, 
             result["stepwise_reaches_at_iteration"] = int(iteration)
             break
     return result
+
+
+def _drop_from_peak(evals: list[dict[str, Any]]) -> float:
+    """How far the final held-out score lies below the run's best (a collapse shows as a large drop)."""
+    return max(r["heldout"] for r in evals) - evals[-1]["heldout"]
 
 
 def _load_run(run_dir: Path) -> dict[str, Any]:
@@ -261,9 +269,9 @@ def _mean(values: Sequence[float]) -> float:
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
     """Held-out MiniGenEval vs iteration and vs training seconds: mean over seeds, shaded +-1 std."""
-    from ..training.figures import _figure, _to_rgb, save_png
+    from ..training.figures import figure_pixels, new_figure, save_png
 
-    figure, canvas = _figure((1100, 420))
+    figure, canvas = new_figure((1100, 420))
     by_iteration, by_seconds = figure.subplots(1, 2, sharey=True)
     for index, (arm, data) in enumerate(summary["arms"].items()):
         points = sorted(data["curve"].items(), key=lambda item: int(item[0]))
@@ -284,7 +292,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     by_iteration.legend(fontsize=7, loc="best")
     figure.suptitle("sfgrpo bench paper: mean over seeds, shaded +-1 std", fontsize=10)
     figure.tight_layout()
-    return save_png(_to_rgb(canvas), path)
+    return save_png(figure_pixels(canvas), path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

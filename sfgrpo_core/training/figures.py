@@ -50,7 +50,7 @@ def step_reward_figure(step_rewards: Any, sigmas: Any, title: str = "reward of e
     rewards = np.where(np.isfinite(rewards), rewards, np.nan)
     gains = rewards[:, 1:] - rewards[:, :-1]  # NaN where either end is missing
 
-    figure, canvas = _figure(STEP_FIGURE_SIZE)
+    figure, canvas = new_figure(STEP_FIGURE_SIZE)
     curves, bars = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     colors = [f"C{i % 10}" for i in range(rewards.shape[0])]
     for index, (row, color) in enumerate(zip(rewards, colors, strict=True)):
@@ -86,7 +86,7 @@ def step_reward_figure(step_rewards: Any, sigmas: Any, title: str = "reward of e
     bars.grid(alpha=0.3)
     bars.set_xlim(1.02, -0.02)  # shared: denoising runs left to right
     figure.tight_layout()
-    return _to_rgb(canvas)
+    return figure_pixels(canvas)
 
 
 def reward_curve_figure(records: list[dict[str, Any]], title: str = "reward") -> np.ndarray:
@@ -100,7 +100,7 @@ def reward_curve_figure(records: list[dict[str, Any]], title: str = "reward") ->
     Returns:
         uint8 [H, W, 3] RGB image, (W, H) = ``REWARD_CURVE_SIZE``.
     """
-    figure, canvas = _figure(REWARD_CURVE_SIZE)
+    figure, canvas = new_figure(REWARD_CURVE_SIZE)
     axis = figure.subplots()
     train = [r for r in records if _finite(r.get("reward_mean"))]
     if train:
@@ -120,7 +120,7 @@ def reward_curve_figure(records: list[dict[str, Any]], title: str = "reward") ->
     if train or evaluations:
         axis.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    return _to_rgb(canvas)
+    return figure_pixels(canvas)
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
@@ -151,7 +151,9 @@ def message_image(text: str, size: tuple[int, int] = MESSAGE_SIZE) -> np.ndarray
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def _figure(size: tuple[int, int]):
+def new_figure(size: tuple[int, int]):
+    """A matplotlib Figure of ``size`` (width, height) pixels on an Agg canvas (no display); draw, then
+    ``figure_pixels(canvas)``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -159,6 +161,7 @@ def _figure(size: tuple[int, int]):
     return figure, FigureCanvasAgg(figure)
 
 
-def _to_rgb(canvas) -> np.ndarray:
+def figure_pixels(canvas) -> np.ndarray:
+    """The canvas drawn as uint8 RGB [H, W, 3]."""
     canvas.draw()
     return np.asarray(canvas.buffer_rgba(), dtype=np.uint8)[..., :3].copy()
