@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks (resumable; results are written, never asserted)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     from .bench.paper import add_arguments as add_paper_arguments
+    from .bench.speed import add_arguments as add_speed_arguments
 
     add_paper_arguments(bench_commands.add_parser(
         "paper", help="Flow-GRPO vs Stepwise-Flow-GRPO and ablations on the mini world, several seeds (hours; "
                       "--quick: minutes)"))
+    add_speed_arguments(bench_commands.add_parser(
+        "speed", help="cost of a Stepwise iteration next to a Flow-GRPO one, by phase, and the loop's overhead"))
     miniworld = commands.add_parser("miniworld", help="the mini world (a self-made SD3 in miniature)")
     miniworld_commands = miniworld.add_subparsers(dest="miniworld_command", required=True)
     build = miniworld_commands.add_parser("build", help="rebuild the mini world's weights and manifest (~25 min on "
@@ -80,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .headless.runner import run_from_args
 
         return run_from_args(args)
+    if args.command == "bench" and args.bench_command == "speed":
+        from .bench.speed import run_from_args as bench_speed
+
+        return bench_speed(args)
     if args.command == "bench":
         from .bench.paper import run_from_args as bench_paper
 

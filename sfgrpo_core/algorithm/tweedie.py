@@ -27,7 +27,8 @@ def x1_estimate(x: torch.Tensor, velocity: torch.Tensor, sigma: float | torch.Te
     return x.float() + (1 - t) * velocity.float()
 
 
-def complete(velocity_fn: VelocityFn, x: torch.Tensor, sigma: float | torch.Tensor, substeps: int) -> torch.Tensor:
+def complete(velocity_fn: VelocityFn, x: torch.Tensor, sigma: float | torch.Tensor, substeps: int,
+             first_velocity: torch.Tensor | None = None) -> torch.Tensor:
     """Complete ``x`` at ``sigma`` to a clean estimate by Euler ODE steps uniform in t from sigma down to 0.
 
     ``substeps`` = 1 is the one-step Tweedie estimate x0_hat. Samples may sit at different sigmas (a [B] tensor):
@@ -39,6 +40,8 @@ def complete(velocity_fn: VelocityFn, x: torch.Tensor, sigma: float | torch.Tens
         x: [B, ...] samples at ``sigma``.
         sigma: float / 0-d / [B] noise levels in [0, 1].
         substeps: T' >= 1.
+        first_velocity: the velocity at (x, sigma) when the caller has it already (the rollout evaluated it there):
+            the first substep then costs no model call, so T' = 1 costs none and T' = 2 one.
 
     Returns:
         [B, ...] float32 clean estimates.
@@ -50,5 +53,6 @@ def complete(velocity_fn: VelocityFn, x: torch.Tensor, sigma: float | torch.Tens
     for k in range(substeps):
         t = start * (1 - k / substeps)
         s = start * (1 - (k + 1) / substeps)
-        x = x + expand_like(s - t, x) * velocity_fn(x, t).float()
+        velocity = first_velocity if k == 0 and first_velocity is not None else velocity_fn(x, t)
+        x = x + expand_like(s - t, x) * velocity.float()
     return x

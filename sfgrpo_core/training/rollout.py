@@ -29,13 +29,6 @@ class PromptBatch:
     initial_noise: torch.Tensor
     member_seeds: list[int]
 
-    @property
-    def shares_initial_noise(self) -> bool:
-        """True when every group's members start from one and the same x_1."""
-        return all(bool((rows == rows[:1]).all())
-                   for rows in (self.initial_noise[self.group_ids.to(self.initial_noise.device) == group]
-                                for group in torch.unique(self.group_ids)))
-
 
 @dataclass(frozen=True)
 class Rollout:
@@ -44,6 +37,8 @@ class Rollout:
     Attributes:
         states: [N, T + 1, ...] float32; states[:, k] is the state at sigmas[k]: states[:, 0] the initial noise
             x_1, states[:, T] the final sample.
+        velocities: [N, T, ...] float32; the model's velocity at states[:, k] and sigmas[k] (the step rewards'
+            completions start with it instead of a second model call).
         log_probs: [N, T] log-density of transition k (states[:, k] -> states[:, k + 1]) at rollout.
         stds: [N, T] noise std of each transition (0 for deterministic ones).
         active: [N, T] bool; transitions that train (stochastic enough, and not the skipped last step).
@@ -51,6 +46,7 @@ class Rollout:
     """
 
     states: torch.Tensor
+    velocities: torch.Tensor
     log_probs: torch.Tensor
     stds: torch.Tensor
     active: torch.Tensor
@@ -123,7 +119,7 @@ def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step
     x = batch.initial_noise.float()
     count, steps = x.shape[0], len(sigmas) - 1
     generators = seeding.member_generators(batch.member_seeds)
-    states, log_probs, stds = [x], [], []
+    states, velocities, log_probs, stds = [x], [], [], []
     for k in range(steps):
         sigma = sigmas[k].expand(count).to(x.device)
         velocity = model.velocity(x, sigma, batch.condition)
@@ -133,11 +129,13 @@ def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step
             callback(k, steps, x, x0_estimate(x, velocity, sigma))
         x = step.prev_sample
         states.append(x)
+        velocities.append(velocity.float())
         log_probs.append(step.log_prob)
         stds.append(step.std)
     stds_tensor = torch.stack(stds, dim=1)
     active = trainable_mask(stds_tensor) & (stds_tensor >= min_train_std)
     if not train_last_step:
         active[:, -1] = False
-    return Rollout(states=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), stds=stds_tensor,
-                   active=active, sigmas=sigmas.float(), batch=batch)
+    return Rollout(states=torch.stack(states, dim=1), velocities=torch.stack(velocities, dim=1),
+                   log_probs=torch.stack(log_probs, dim=1), stds=stds_tensor, active=active, sigmas=sigmas.float(),
+                   batch=batch)

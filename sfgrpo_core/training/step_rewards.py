@@ -13,7 +13,7 @@ from .. import rewards
 from ..algorithm import tweedie
 from ..models.base import VelocityModel
 from ..models.condition import select
-from .rollout import PromptBatch, Rollout
+from .rollout import Rollout
 
 
 def score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torch.Tensor, prompts: list[str],
@@ -25,23 +25,40 @@ def score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torc
     return torch.cat(scores)
 
 
-def scored_starts(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(members whose initial noise gets scored, index of each member's scored start among them): the first member
-    of each group when the group shares x_1, else every member."""
-    group_ids = batch.group_ids
-    if not batch.shares_initial_noise:
-        everyone = torch.arange(len(group_ids))
-        return everyone, everyone
-    groups = torch.unique(group_ids)
-    first_members = torch.stack([torch.nonzero(group_ids == group)[0, 0] for group in groups])
-    return first_members, torch.searchsorted(groups, group_ids)
+def distinct_states(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The states 0..T-1 that need a completion of their own, and which one each (member, step) uses.
+
+    Members of a group share prompt and condition, so members whose state k is bitwise equal share its completion
+    and reward: x_1 when the group shares its initial noise (r_0 once per group), and every state a deterministic
+    step leads to from equal states (the DDIM step from t = 1). Nothing else is merged, so every reward equals the
+    one a completion of its own would get.
+
+    Returns:
+        (member [M], step [M]) of each distinct state, in order of step, then member; and [N, T] the index into
+        them of each (member, step).
+    """
+    states, group_ids = rollout.states, rollout.batch.group_ids
+    count, steps = states.shape[0], states.shape[1] - 1
+    members: list[int] = []
+    step_of: list[int] = []
+    index = torch.empty(count, steps, dtype=torch.long)
+    for k in range(steps):
+        for group in torch.unique(group_ids):
+            rows = torch.nonzero(group_ids == group)[:, 0]
+            _, inverse = torch.unique(states[rows.to(states.device), k].flatten(1), dim=0, return_inverse=True)
+            inverse = inverse.cpu()
+            firsts = sorted(int(torch.nonzero(inverse == value)[0, 0]) for value in torch.unique(inverse))
+            for item, first in enumerate(firsts):  # numbered by first occurrence: the order does not depend on sort
+                index[rows[inverse == inverse[first]], k] = len(members) + item
+            members += [int(rows[first]) for first in firsts]
+            step_of += [k] * len(firsts)
+    return torch.tensor(members, dtype=torch.long), torch.tensor(step_of, dtype=torch.long), index
 
 
 def images_scored(rollout: Rollout) -> int:
-    """How many images ``step_rewards`` decodes and scores for ``rollout``: the scored starts, every member's
-    states 1..T-1, and the final samples."""
-    count, steps = rollout.states.shape[0], rollout.states.shape[1] - 1
-    return len(scored_starts(rollout.batch)[0]) + count * (steps - 1) + count
+    """How many images ``step_rewards`` decodes and scores for ``rollout``: one per distinct state 0..T-1, and the
+    final samples."""
+    return len(distinct_states(rollout)[0]) + rollout.states.shape[0]
 
 
 @torch.no_grad()
@@ -49,18 +66,15 @@ def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward,
                  batch_size: int) -> torch.Tensor:
     """r_k for every state of every trajectory: [N, T + 1].
 
-    r_0 rewards the completion of the initial noise x_1: once per group when the group shares it (Stepwise-Flow-
-    GRPO's setting), else once per member; r_1..r_{T-1} reward the T'-substep ODE completion of x_k made with the
-    rollout weights; r_T rewards the final sample itself. All completions are batched across trajectories and steps,
-    ``batch_size`` at a time.
+    r_0..r_{T-1} reward the T'-substep ODE completion of x_k made with the rollout weights, r_T the final sample
+    itself. A state shared by several members of a group is completed and scored once (``distinct_states``: r_0 once
+    per group when the group shares x_1, Stepwise-Flow-GRPO's setting). Each completion's first substep uses the
+    velocity the rollout computed at that state (no model call), the others are batched across trajectories and
+    steps, ``batch_size`` at a time.
     """
     states, sigmas, batch = rollout.states, rollout.sigmas, rollout.batch
     count, steps = states.shape[0], states.shape[1] - 1
-    first_members, start_of = scored_starts(batch)
-    # Items to complete: (member, step) for the scored starts at k = 0, and every member at 1..T-1.
-    members = torch.cat([first_members, torch.arange(count).repeat_interleave(steps - 1)])
-    step_index = torch.cat([torch.zeros(len(first_members), dtype=torch.long),
-                            torch.arange(1, steps).repeat(count)])
+    members, step_index, index = distinct_states(rollout)
     completions = []
     for start in range(0, len(members), batch_size):
         member, k = members[start : start + batch_size], step_index[start : start + batch_size]
@@ -68,14 +82,12 @@ def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward,
         def velocity_fn(x, sigma, condition=condition):
             return model.velocity(x, sigma, condition)
 
-        completions.append(tweedie.complete(velocity_fn, states[member, k], sigmas[k].to(states.device), substeps))
+        completions.append(tweedie.complete(velocity_fn, states[member, k], sigmas[k].to(states.device), substeps,
+                                            first_velocity=rollout.velocities[member, k]))
     clean = torch.cat([torch.cat(completions), rollout.final])
     prompts = [batch.prompts[i] for i in members.tolist()] + list(batch.prompts)
     scores = score_in_batches(model, reward, clean, prompts, batch_size)
     result = torch.full((count, steps + 1), float("nan"))
-    first_scores = scores[: len(first_members)]
-    result[:, 0] = first_scores[start_of]
-    middle = scores[len(first_members) : len(first_members) + count * (steps - 1)]
-    result[:, 1:steps] = middle.reshape(count, steps - 1)
-    result[:, steps] = scores[-count:]
+    result[:, :steps] = scores[: len(members)][index]
+    result[:, steps] = scores[len(members) :]
     return result

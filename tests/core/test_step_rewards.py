@@ -10,7 +10,7 @@ from sfgrpo_core.config import CreditConfig
 from sfgrpo_core.models.toy import ToyVelocityNet, ToyWorld, prompt_mode
 from sfgrpo_core.training.credit import CREDIT_METHODS
 from sfgrpo_core.training.rollout import make_prompt_batch, rollout
-from sfgrpo_core.training.step_rewards import step_rewards
+from sfgrpo_core.training.step_rewards import distinct_states, images_scored, step_rewards
 
 PROMPTS = ["mode 0", "mode 3", "mode 5"]
 GROUP_SIZE, STEPS, SUBSTEPS = 3, 4, 3
@@ -161,3 +161,55 @@ def test_stepwise_advantages_are_nan_exactly_where_the_rollout_is_inactive():
     credit = CREDIT_METHODS["stepwise"](model, recorded, RecordingReward(), CreditConfig(substeps=SUBSTEPS), 64)
     assert not recorded.active[:, 0].any() and not recorded.active[:, -1].any() and recorded.active.any()
     assert torch.equal(torch.isfinite(credit.advantages), recorded.active)
+
+
+class CountingModel:
+    """Wraps a VelocityModel and counts the samples its velocity is evaluated on."""
+
+    def __init__(self, model):
+        self.model, self.samples = model, 0
+
+    def velocity(self, x, sigma, condition):
+        self.samples += x.shape[0]
+        return self.model.velocity(x, sigma, condition)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("substeps", [1, 2, 3])
+def test_completions_start_from_the_rollouts_velocity(substeps):
+    """The first substep of every completion is the rollout's own velocity at that state: T' = 1 costs no model
+    call, T' substeps cost T' - 1 per distinct state; the rewards are those of completions made from scratch."""
+    model = toy_world()
+    recorded = _rollout(model)
+    counting = CountingModel(model)
+    result = step_rewards(counting, recorded, RecordingReward(), substeps=substeps, batch_size=7)
+    assert counting.samples == (substeps - 1) * len(distinct_states(recorded)[0])
+    condition = recorded.batch.condition
+    for k in range(STEPS):
+        from_scratch = tweedie.complete(lambda x, sigma: model.velocity(x, sigma, condition), recorded.states[:, k],
+                                        recorded.sigmas[k], substeps)
+        torch.testing.assert_close(result[:, k], score_of(from_scratch, recorded.batch.prompts))
+
+
+@pytest.mark.parametrize(("sde", "shared_noise", "distinct_per_group"), [
+    ("ddim", True, [1, 1, GROUP_SIZE, GROUP_SIZE]),  # shared x_1, and the DDIM step from t = 1 is deterministic
+    ("flow_grpo", True, [1, GROUP_SIZE, GROUP_SIZE, GROUP_SIZE]),  # its first step already draws noise
+    ("ddim", False, [GROUP_SIZE] * STEPS),
+])
+def test_states_a_group_shares_are_completed_and_scored_once(sde, shared_noise, distinct_per_group):
+    model = toy_world()
+    recorded = _rollout(model, sde=sde, shared_noise=shared_noise)
+    members, steps, index = distinct_states(recorded)
+    assert [int((steps == k).sum()) for k in range(STEPS)] == [len(PROMPTS) * n for n in distinct_per_group]
+    # every (member, step) points at a distinct state equal to its own, of its own group and step
+    assert torch.equal(steps[index], torch.arange(STEPS).expand(len(recorded.batch.prompts), STEPS))
+    group_ids = recorded.batch.group_ids
+    assert torch.equal(group_ids[members[index]], group_ids[:, None].expand(-1, STEPS))
+    for member in range(len(group_ids)):
+        for k in range(STEPS):
+            assert torch.equal(recorded.states[members[index[member, k]], k], recorded.states[member, k])
+    reward = RecordingReward()
+    step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_size=64)
+    assert reward.scored == images_scored(recorded) == len(members) + len(group_ids)

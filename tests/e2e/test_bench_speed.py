@@ -1,0 +1,32 @@
+"""`sfgrpo bench speed --quick`: the side-by-side cost measurement end to end (no timing is asserted: the counts of
+work are, and that every ratio was measured)."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_quick_speed_benchmark_counts_the_work_of_each_method(tmp_path):
+    out = tmp_path / "speed.json"
+    result = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "speed", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Stepwise / Flow-GRPO per iteration" in result.stdout
+    summary = json.loads(out.read_text())
+    stepwise, flow = summary["methods"]["stepwise"], summary["methods"]["flow_grpo"]
+    # --quick: groups of 4, 2 groups, 4 steps. Flow-GRPO scores the 8 final samples; Stepwise also one completion per
+    # distinct state: x_1 and the deterministic DDIM step from t = 1 once per group, then every member's states 2, 3.
+    assert flow["decoded_images"] == flow["reward_calls"] == 8
+    assert stepwise["decoded_images"] == stepwise["reward_calls"] == 8 + 2 + 2 + 8 + 8
+    # T' = 2: one model call per completion on top of the rollout's 8 x 4 (its first substep reuses the rollout's)
+    assert stepwise["model_calls"] - stepwise["update_samples"] == 8 * 4 + (2 + 2 + 8 + 8)
+    for data in (stepwise, flow):
+        assert set(data["seconds_by_phase"]) == {"rollout", "rewards", "update"}
+        assert all(value > 0 for value in data["seconds_per_unit_alone"].values())
+        assert math.isfinite(data["overhead"]) and data["overhead"] > 0
+    assert math.isclose(summary["stepwise_over_flow_grpo"],
+                        stepwise["seconds_per_iteration"] / flow["seconds_per_iteration"])
