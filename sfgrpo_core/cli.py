@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     bench = commands.add_parser("bench", help="benchmarks (resumable; results are written, never asserted)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    from .bench.memory import add_arguments as add_memory_arguments
     from .bench.paper import add_arguments as add_paper_arguments
     from .bench.speed import add_arguments as add_speed_arguments
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "--quick: minutes)"))
     add_speed_arguments(bench_commands.add_parser(
         "speed", help="cost of a Stepwise iteration next to a Flow-GRPO one, by phase, and the loop's overhead"))
+    add_memory_arguments(bench_commands.add_parser(
+        "memory", help="peak memory of an iteration as groups grow, chunked and not"))
     miniworld = commands.add_parser("miniworld", help="the mini world (a self-made SD3 in miniature)")
     miniworld_commands = miniworld.add_subparsers(dest="miniworld_command", required=True)
     build = miniworld_commands.add_parser("build", help="rebuild the mini world's weights and manifest (~25 min on "
@@ -87,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.speed import run_from_args as bench_speed
 
         return bench_speed(args)
+    if args.command == "bench" and args.bench_command == "memory":
+        from .bench.memory import run_from_args as bench_memory
+
+        return bench_memory(args)
     if args.command == "bench":
         from .bench.paper import run_from_args as bench_paper
 

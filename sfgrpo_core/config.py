@@ -145,7 +145,11 @@ class TrainConfig:
                                  "before the first and after the last). 0 disables evaluation.", minimum=0)
     eval_samples: int = option(16, "Samples per held-out prompt in each evaluation.", minimum=1)
     eval_steps: int = option(10, "ODE steps of the evaluation sampler.", minimum=1)
-    reward_batch_size: int = option(64, "Samples per reward call and per batched completion/decode.", minimum=1)
+    sample_batch_size: int = option(64, "Trajectories per model call in the rollout, the evaluation and the step "
+                                        "rewards' completions: peak memory grows with it, not with the number of "
+                                        "groups. Results do not depend on it (each member has its own noise).",
+                                    minimum=1)
+    reward_batch_size: int = option(64, "Images per decode and per reward call.", minimum=1)
 
 
 SECTIONS: dict[str, type[DataclassInstance]] = {

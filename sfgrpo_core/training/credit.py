@@ -18,7 +18,7 @@ from ..algorithm import advantages
 from ..config import CreditConfig
 from ..models.base import VelocityModel
 from .rollout import Rollout
-from .step_rewards import images_scored, score_in_batches, step_rewards
+from .step_rewards import BatchSizes, images_scored, score_in_batches, step_rewards
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ class Credit:
 
 
 def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
-                    batch_size: int) -> Credit:
+                    batch_sizes: BatchSizes) -> Credit:
     """Stepwise-Flow-GRPO: gains of T'-step completions, jointly (or per-step, for ablations) normalized."""
-    rewards_per_step = step_rewards(model, rollout, reward, substeps=config.substeps, batch_size=batch_size)
+    rewards_per_step = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes)
     gains = advantages.stepwise_gains(rewards_per_step)
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages
     step_advantages = normalize(gains, rollout.batch.group_ids, std_scope=_std_scope(config), eps=config.std_eps,
@@ -57,9 +57,9 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
 
 @torch.no_grad()
 def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
-                     batch_size: int) -> Credit:
+                     batch_sizes: BatchSizes) -> Credit:
     """Flow-GRPO: the final reward's group-relative advantage, the same for every step of a trajectory."""
-    final = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_size)
+    final = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_sizes.rewards)
     per_trajectory = advantages.flow_grpo_advantages(final, rollout.batch.group_ids, std_scope=_std_scope(config),
                                                  eps=config.std_eps, clip=config.advantage_clip)
     broadcast = per_trajectory[:, None].expand(-1, rollout.log_probs.shape[1]).clone()
@@ -71,5 +71,5 @@ def _std_scope(config: CreditConfig) -> advantages.StdScope:
     return cast(advantages.StdScope, config.std_scope)
 
 
-CreditMethod = Callable[[VelocityModel, Rollout, rewards.Reward, CreditConfig, int], Credit]
+CreditMethod = Callable[[VelocityModel, Rollout, rewards.Reward, CreditConfig, BatchSizes], Credit]
 CREDIT_METHODS: dict[str, CreditMethod] = {"stepwise": stepwise_credit, "flow_grpo": flow_grpo_credit}

@@ -29,6 +29,13 @@ class PromptBatch:
     initial_noise: torch.Tensor
     member_seeds: list[int]
 
+    def rows(self, start: int, stop: int) -> PromptBatch:
+        """Members start..stop-1 (a chunk of the batch; each keeps its prompt, condition, noise and seed)."""
+        index = torch.arange(start, min(stop, len(self.prompts)))
+        return PromptBatch(prompts=self.prompts[start:stop], group_ids=self.group_ids[index],
+                           condition=select(self.condition, index), initial_noise=self.initial_noise[start:stop],
+                           member_seeds=self.member_seeds[start:stop])
+
 
 @dataclass(frozen=True)
 class Rollout:
@@ -110,12 +117,31 @@ def make_prompt_batch(model: VelocityModel, group_prompts: Sequence[str], group_
 @torch.no_grad()
 def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step_fn: StepFunction, *,
             train_last_step: bool = False, min_train_std: float = MIN_TRAINABLE_STD,
-            callback: StepCallback | None = None) -> Rollout:
+            callback: StepCallback | None = None, chunk_size: int = 0) -> Rollout:
     """Sample every member with ``step_fn`` and record the trajectory, log-probs and stds.
 
     Each member's step noise comes from its own generator, so a member's trajectory does not depend on which
-    other members share the batch.
+    other members share the batch, nor on ``chunk_size``: the members run ``chunk_size`` at a time (0: all at once),
+    so the model's activations never hold more than one chunk. ``callback`` follows the first chunk.
     """
+    count = len(batch.prompts)
+    if 0 < chunk_size < count:
+        chunks = [_rollout(model, batch.rows(start, start + chunk_size), sigmas, step_fn,
+                           callback=callback if start == 0 else None)
+                  for start in range(0, count, chunk_size)]
+        states, velocities, log_probs, stds = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    else:
+        states, velocities, log_probs, stds = _rollout(model, batch, sigmas, step_fn, callback=callback)
+    active = trainable_mask(stds) & (stds >= min_train_std)
+    if not train_last_step:
+        active[:, -1] = False
+    return Rollout(states=states, velocities=velocities, log_probs=log_probs, stds=stds, active=active,
+                   sigmas=sigmas.float(), batch=batch)
+
+
+def _rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step_fn: StepFunction, *,
+             callback: StepCallback | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states [N, T + 1, ...], velocities [N, T, ...], log_probs [N, T], stds [N, T]) of one batch of members."""
     x = batch.initial_noise.float()
     count, steps = x.shape[0], len(sigmas) - 1
     generators = seeding.member_generators(batch.member_seeds)
@@ -132,10 +158,5 @@ def rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, step
         velocities.append(velocity.float())
         log_probs.append(step.log_prob)
         stds.append(step.std)
-    stds_tensor = torch.stack(stds, dim=1)
-    active = trainable_mask(stds_tensor) & (stds_tensor >= min_train_std)
-    if not train_last_step:
-        active[:, -1] = False
-    return Rollout(states=torch.stack(states, dim=1), velocities=torch.stack(velocities, dim=1),
-                   log_probs=torch.stack(log_probs, dim=1), stds=stds_tensor, active=active, sigmas=sigmas.float(),
-                   batch=batch)
+    return (torch.stack(states, dim=1), torch.stack(velocities, dim=1), torch.stack(log_probs, dim=1),
+            torch.stack(stds, dim=1))

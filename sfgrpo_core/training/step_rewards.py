@@ -7,6 +7,8 @@ sample (t = 0). r_k rewards state k's clean completion, r_T the final sample its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import rewards
@@ -14,6 +16,15 @@ from ..algorithm import tweedie
 from ..models.base import VelocityModel
 from ..models.condition import select
 from .rollout import Rollout
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """How much goes through at once: ``samples`` trajectories per model call (completions), ``rewards`` images per
+    decode and reward call (train.sample_batch_size and train.reward_batch_size)."""
+
+    samples: int
+    rewards: int
 
 
 def score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torch.Tensor, prompts: list[str],
@@ -63,21 +74,21 @@ def images_scored(rollout: Rollout) -> int:
 
 @torch.no_grad()
 def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, *, substeps: int,
-                 batch_size: int) -> torch.Tensor:
+                 batch_sizes: BatchSizes) -> torch.Tensor:
     """r_k for every state of every trajectory: [N, T + 1].
 
     r_0..r_{T-1} reward the T'-substep ODE completion of x_k made with the rollout weights, r_T the final sample
     itself. A state shared by several members of a group is completed and scored once (``distinct_states``: r_0 once
     per group when the group shares x_1, Stepwise-Flow-GRPO's setting). Each completion's first substep uses the
     velocity the rollout computed at that state (no model call), the others are batched across trajectories and
-    steps, ``batch_size`` at a time.
+    steps, ``batch_sizes.samples`` at a time; decodes and rewards go ``batch_sizes.rewards`` at a time.
     """
     states, sigmas, batch = rollout.states, rollout.sigmas, rollout.batch
     count, steps = states.shape[0], states.shape[1] - 1
     members, step_index, index = distinct_states(rollout)
     completions = []
-    for start in range(0, len(members), batch_size):
-        member, k = members[start : start + batch_size], step_index[start : start + batch_size]
+    for start in range(0, len(members), batch_sizes.samples):
+        member, k = members[start : start + batch_sizes.samples], step_index[start : start + batch_sizes.samples]
         condition = select(batch.condition, member)
         def velocity_fn(x, sigma, condition=condition):
             return model.velocity(x, sigma, condition)
@@ -86,7 +97,7 @@ def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward,
                                             first_velocity=rollout.velocities[member, k]))
     clean = torch.cat([torch.cat(completions), rollout.final])
     prompts = [batch.prompts[i] for i in members.tolist()] + list(batch.prompts)
-    scores = score_in_batches(model, reward, clean, prompts, batch_size)
+    scores = score_in_batches(model, reward, clean, prompts, batch_sizes.rewards)
     result = torch.full((count, steps + 1), float("nan"))
     result[:, :steps] = scores[: len(members)][index]
     result[:, steps] = scores[len(members) :]

@@ -28,7 +28,7 @@ from .credit import CREDIT_METHODS, Credit
 from .figures import reward_curve_figure, save_png
 from .metrics import CallCounter, MetricsLog
 from .rollout import Rollout, StepCallback, choose_prompts, independent_noise, make_prompt_batch, rollout
-from .step_rewards import score_in_batches
+from .step_rewards import BatchSizes, score_in_batches
 from .update import UpdateStats, update_policy
 
 
@@ -164,7 +164,7 @@ def collect(session: Session, iteration: int, hooks: TrainHooks | None = None) -
                               device=config.model.device, initial_noise=noise)
     return rollout(session.model, batch, session.sigmas, step_function_for(config),
                    train_last_step=config.sampler.train_last_step, min_train_std=config.sampler.min_train_std,
-                   callback=hooks.on_rollout_step if hooks else None)
+                   callback=hooks.on_rollout_step if hooks else None, chunk_size=config.train.sample_batch_size)
 
 
 def step_function_for(config: Config):
@@ -177,7 +177,8 @@ def assign_credit(session: Session, recorded: Rollout) -> Credit:
     """Rewards and advantages phase, by the configured credit method."""
     method = CREDIT_METHODS[session.config.credit.method]
     config = session.config
-    return method(session.model, recorded, session.reward, config.credit, config.train.reward_batch_size)
+    return method(session.model, recorded, session.reward, config.credit,
+                  BatchSizes(samples=config.train.sample_batch_size, rewards=config.train.reward_batch_size))
 
 
 def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: int) -> UpdateStats:
@@ -210,7 +211,8 @@ def evaluate(session: Session) -> Evaluation:
     noise = torch.randn((count, *session.model.sample_shape), generator=seeding.generator(config.train.seed, "eval"))
     batch = make_prompt_batch(session.model, session.eval_prompts, config.train.eval_samples, config.train.seed,
                               -1, device=config.model.device, initial_noise=noise)
-    samples = rollout(session.model, batch, sigmas, get_step_function("ode", 0.0)).final
+    samples = rollout(session.model, batch, sigmas, get_step_function("ode", 0.0),
+                      chunk_size=config.train.sample_batch_size).final
     scores = score_in_batches(session.model, session.reward, samples, list(batch.prompts),
                               config.train.reward_batch_size)
     return Evaluation(scores=scores, prompts=list(batch.prompts))

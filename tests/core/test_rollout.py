@@ -160,3 +160,17 @@ def test_a_trajectory_does_not_depend_on_the_other_members(model_factory, exact,
         torch.testing.assert_close(part.states, full.states[rows], rtol=0, atol=1e-5)
     torch.testing.assert_close(part.log_probs, full.log_probs[rows], rtol=0, atol=1e-4)
     assert torch.equal(part.active, full.active[rows])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 12, 100])
+@pytest.mark.parametrize("sde", ["ddim", "flow_grpo"])
+def test_a_chunked_rollout_is_the_whole_batchs_rollout(chunk_size, sde):
+    """Members run chunk_size at a time, with their own noise: every recorded tensor is the one-batch rollout's
+    (bit for bit with a row-independent model), and the progress callback follows the first chunk."""
+    model = ElementwiseModel()
+    whole = _rollout(model, sde=sde)
+    seen = []
+    chunked = _rollout(model, sde=sde, chunk_size=chunk_size, callback=lambda k, steps, x, x0: seen.append(len(x)))
+    for name in ("states", "velocities", "log_probs", "stds", "active"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert seen == [min(chunk_size, len(PROMPTS) * GROUP_SIZE)] * STEPS

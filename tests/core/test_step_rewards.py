@@ -10,7 +10,7 @@ from sfgrpo_core.config import CreditConfig
 from sfgrpo_core.models.toy import ToyVelocityNet, ToyWorld, prompt_mode
 from sfgrpo_core.training.credit import CREDIT_METHODS
 from sfgrpo_core.training.rollout import make_prompt_batch, rollout
-from sfgrpo_core.training.step_rewards import distinct_states, images_scored, step_rewards
+from sfgrpo_core.training.step_rewards import BatchSizes, distinct_states, images_scored, step_rewards
 
 PROMPTS = ["mode 0", "mode 3", "mode 5"]
 GROUP_SIZE, STEPS, SUBSTEPS = 3, 4, 3
@@ -98,7 +98,8 @@ def test_every_reward_lands_in_its_member_and_step_cell(batch_size, shared_noise
     model = toy_world()
     recorded = _rollout(model, shared_noise=shared_noise)
     reward = RecordingReward()
-    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_size=batch_size)
+    sizes = BatchSizes(samples=batch_size, rewards=batch_size + 2)
+    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=sizes)
 
     prompts = recorded.batch.prompts
     assert result.shape == (len(prompts), STEPS + 1)
@@ -110,7 +111,7 @@ def test_every_reward_lands_in_its_member_and_step_cell(batch_size, shared_noise
     assert bool((r0 == r0[:, :1]).all()) == shared_noise
     assert len(torch.unique(r0)) == (len(PROMPTS) if shared_noise else len(PROMPTS) * GROUP_SIZE)
 
-    assert max(reward.call_sizes) <= batch_size
+    assert max(reward.call_sizes) <= batch_size + 2
     expected_images, expected_prompts = _sorted_items(*_expected_items(model, recorded, shared_noise))
     scored_images, scored_prompts = _sorted_items(torch.cat(reward.images), reward.prompts)
     # The same multiset: nothing lost or scored twice (a shared r_0 once per group, not once per member).
@@ -122,7 +123,7 @@ def test_a_shared_r0_is_scored_once_per_group_with_its_prompt():
     model = toy_world()
     recorded = _rollout(model)
     reward = RecordingReward()
-    step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_size=64)
+    step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=BatchSizes(64, 64))
     scored = torch.cat(reward.images)
     r0_images = _completion(model, recorded, 0)
     for group, prompt in enumerate(PROMPTS):
@@ -135,7 +136,7 @@ def test_a_shared_r0_is_scored_once_per_group_with_its_prompt():
 def test_one_substep_scores_the_tweedie_estimate():
     model = toy_world()
     recorded = _rollout(model)
-    result = step_rewards(model, recorded, RecordingReward(), substeps=1, batch_size=5)
+    result = step_rewards(model, recorded, RecordingReward(), substeps=1, batch_sizes=BatchSizes(5, 5))
     k = 2
     sigma = recorded.sigmas[k].expand(len(recorded.batch.prompts))
     x0_hat = tweedie.x0_estimate(recorded.states[:, k], model.velocity(recorded.states[:, k], sigma,
@@ -151,14 +152,15 @@ def test_reported_reward_calls_count_the_images_scored(method, shared_noise, bat
     recorded = _rollout(model, shared_noise=shared_noise)
     reward = RecordingReward()
     credit = CREDIT_METHODS[method](model, recorded, reward, CreditConfig(method=method, substeps=SUBSTEPS),
-                                    batch_size)
+                                    BatchSizes(batch_size, batch_size))
     assert reward.scored > 0 and credit.reward_calls == reward.scored
 
 
 def test_stepwise_advantages_are_nan_exactly_where_the_rollout_is_inactive():
     model = toy_world()
     recorded = _rollout(model, sde="ddim")  # step 0 (t = 1) and the last step are deterministic
-    credit = CREDIT_METHODS["stepwise"](model, recorded, RecordingReward(), CreditConfig(substeps=SUBSTEPS), 64)
+    credit = CREDIT_METHODS["stepwise"](model, recorded, RecordingReward(), CreditConfig(substeps=SUBSTEPS),
+                                        BatchSizes(64, 64))
     assert not recorded.active[:, 0].any() and not recorded.active[:, -1].any() and recorded.active.any()
     assert torch.equal(torch.isfinite(credit.advantages), recorded.active)
 
@@ -184,7 +186,7 @@ def test_completions_start_from_the_rollouts_velocity(substeps):
     model = toy_world()
     recorded = _rollout(model)
     counting = CountingModel(model)
-    result = step_rewards(counting, recorded, RecordingReward(), substeps=substeps, batch_size=7)
+    result = step_rewards(counting, recorded, RecordingReward(), substeps=substeps, batch_sizes=BatchSizes(7, 7))
     assert counting.samples == (substeps - 1) * len(distinct_states(recorded)[0])
     condition = recorded.batch.condition
     for k in range(STEPS):
@@ -211,5 +213,5 @@ def test_states_a_group_shares_are_completed_and_scored_once(sde, shared_noise, 
         for k in range(STEPS):
             assert torch.equal(recorded.states[members[index[member, k]], k], recorded.states[member, k])
     reward = RecordingReward()
-    step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_size=64)
+    step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=BatchSizes(64, 64))
     assert reward.scored == images_scored(recorded) == len(members) + len(group_ids)

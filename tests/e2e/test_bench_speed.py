@@ -30,3 +30,14 @@ def test_quick_speed_benchmark_counts_the_work_of_each_method(tmp_path):
         assert math.isfinite(data["overhead"]) and data["overhead"] > 0
     assert math.isclose(summary["stepwise_over_flow_grpo"],
                         stepwise["seconds_per_iteration"] / flow["seconds_per_iteration"])
+
+
+def test_memory_benchmark_measures_each_point_in_a_fresh_process(tmp_path):
+    out = tmp_path / "memory.json"
+    result = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "memory", "--groups", "1,2",
+                             "--chunk", "6", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = json.loads(out.read_text())["points"]
+    assert [(p["chunk"], p["groups"], p["trajectories"]) for p in points] == [(6, 1, 12), (6, 2, 24), (0, 1, 12),
+                                                                             (0, 2, 24)]
+    assert all(p["peak_rss_mib"] > 100 and p["seconds"] > 0 for p in points)
