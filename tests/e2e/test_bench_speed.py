@@ -34,8 +34,9 @@ def test_quick_speed_benchmark_counts_the_work_of_each_method(tmp_path):
 
 def test_memory_benchmark_measures_each_point_in_a_fresh_process(tmp_path):
     out = tmp_path / "memory.json"
-    result = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "memory", "--groups", "1,2",
-                             "--chunk", "6", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    command = [sys.executable, "-m", "sfgrpo_core.cli", "bench", "memory", "--groups", "1,2", "--chunk", "6",
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     points = json.loads(out.read_text())["points"]
     assert [(p["chunk"], p["groups"], p["trajectories"]) for p in points] == [(6, 1, 12), (6, 2, 24), (0, 1, 12),
