@@ -295,6 +295,26 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return save_png(figure_pixels(canvas), path)
 
 
+def markdown_table(summary: dict[str, Any], points: Sequence[int] = (0, 50, 100, 150)) -> str:
+    """The README's table: per arm, held-out mean +- std over seeds at ``points``, the per-seed finals, strict
+    accuracy, the largest drop from a run's peak, seconds and reward calls per iteration."""
+    head = ["arm", "seeds", *[f"{point} it" for point in points], "final per seed", "strict final",
+            "max drop from peak", "s/it", "reward calls/it"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, data in summary["arms"].items():
+        cells = [arm, str(len(data["seeds_started"]))]
+        for point in points:
+            values = data["curve"].get(str(point), {}).get("heldout", [])
+            cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}" if len(values) > 1 else
+                         f"{values[0]:.3f}" if values else "")
+        cells += [", ".join(f"{value:.3f}" for value in data["final_heldout"]),
+                  ", ".join(f"{value:.3f}" for value in data["final_strict"]),
+                  ", ".join(f"{value:.3f}" for value in data.get("largest_drop_from_peak", [])),
+                  f"{data['seconds_per_iteration']:.2f}", f"{data['reward_calls_per_iteration']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results/paper", help="results folder (resumable)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of minutes (2 iterations, 1 seed)")
@@ -303,9 +323,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "plan's (e.g. one process per seed, in parallel)")
     parser.add_argument("--device", default="cpu", help="torch device of the runs, e.g. cuda")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite paper.json and the figure")
+    parser.add_argument("--combine", default="", metavar="MAIN,OTHER,...",
+                        help="write one JSON (--out is the file) from the paper.json of several results folders: the "
+                             "first one's arms and ratios at the top, every folder's summary under 'runs'")
+
+
+def combine(folders: Sequence[Path], path: Path) -> dict[str, Any]:
+    """One document over benchmark runs on different machines: the first folder's summary at the top level (its arms,
+    iterations_ratio, seconds_ratio), every folder's summary under "runs" keyed by its folder name."""
+    summaries = {folder.name: json.loads((folder / "paper.json").read_text()) for folder in folders}
+    main = summaries[folders[0].name]
+    combined = {**main, "main_run": str(folders[0]), "runs": summaries}
+    atomic_write_text(path, json.dumps(json_safe(combined), indent=1) + "\n")
+    return combined
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.combine:
+        combine([Path(folder) for folder in args.combine.split(",") if folder], Path(args.out))
+        print(f"wrote {args.out}")
+        return 0
     arms = [arm for arm in args.arms.split(",") if arm] or None
     unknown = [arm for arm in arms or [] if arm not in ARMS]
     if unknown:
@@ -341,4 +378,5 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"{arm:>18}: final held-out {np.mean(finals):.3f} +- {np.std(finals):.3f} over {len(finals)} "
                   f"seed(s); {data['seconds_per_iteration']:.2f} s/iteration")
     print(f"iterations_ratio {summary['iterations_ratio']}, seconds_ratio {summary['seconds_ratio']}")
+    print(markdown_table(summary))
     return 0

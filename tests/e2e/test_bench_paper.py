@@ -69,3 +69,17 @@ def test_catch_up_finds_where_stepwise_reaches_flow_grpos_final_score():
     assert abs(result["seconds_ratio"] - 550 / 1100) < 1e-12
     never = arm([(0, [0.3, 0.3]), (100, [0.35, 0.36])])
     assert catch_up(never, flow, 100)["iterations_ratio"] is None
+
+
+def test_combine_puts_the_main_run_on_top_and_keeps_every_run(tmp_path):
+    from sfgrpo_core.bench.paper import combine
+
+    for name, final in (("h200", 0.48), ("cpu", 0.47)):
+        (tmp_path / name).mkdir()
+        summary = {"device": name, "arms": {"flow_grpo": {"final_heldout": [final]}}, "iterations_ratio": None}
+        (tmp_path / name / "paper.json").write_text(json.dumps(summary))
+    combined = combine([tmp_path / "h200", tmp_path / "cpu"], tmp_path / "paper.json")
+    assert json.loads((tmp_path / "paper.json").read_text()) == combined
+    assert combined["device"] == "h200" and combined["arms"]["flow_grpo"]["final_heldout"] == [0.48]
+    assert set(combined["runs"]) == {"h200", "cpu"} and combined["runs"]["cpu"]["device"] == "cpu"
+    assert "iterations_ratio" in combined and combined["main_run"].endswith("h200")
