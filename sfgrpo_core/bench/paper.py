@@ -199,7 +199,9 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
             "final_strict": [complete[s]["evals"][-1]["strict"] for s in sorted(complete)],
             "final_heldout_se": [complete[s]["evals"][-1]["heldout_se"] for s in sorted(complete)],
             "base_heldout": [run["evals"][0]["heldout"] for run in runs.values() if run["evals"][0]["iteration"] == 0],
-            "curve": {str(i): {"heldout": _per_seed(runs, i, "heldout"), "strict": _per_seed(runs, i, "strict"),
+            "curve": {str(i): {"seeds": [seed for seed, run in runs.items()
+                                         if any(r["iteration"] == i for r in run["evals"])],
+                               "heldout": _per_seed(runs, i, "heldout"), "strict": _per_seed(runs, i, "strict"),
                                "seconds": _per_seed(runs, i, "seconds"), "model_calls": _per_seed(runs, i,
                                                                                                   "model_calls"),
                                "reward_calls": _per_seed(runs, i, "reward_calls")} for i in iterations},
@@ -225,17 +227,29 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
 
 def catch_up(stepwise: dict[str, Any] | None, flow_grpo: dict[str, Any] | None, budget: int) -> dict[str, Any]:
     """Iterations and seconds Stepwise needs (mean curve over seeds) to reach Flow-GRPO's final held-out score (mean
-    over seeds), as fractions of Flow-GRPO's own; None when either is missing or Stepwise never reaches it."""
-    result: dict[str, Any] = {"iterations_ratio": None, "seconds_ratio": None, "flow_grpo_final": None}
-    if not stepwise or not flow_grpo or not flow_grpo["final_heldout"] or not stepwise["seeds"]:
+    over seeds), as fractions of Flow-GRPO's own, over the seeds both finished (each seed evaluates with its own
+    noise, so arms compare seed by seed); None when there are none or Stepwise never reaches it."""
+    result: dict[str, Any] = {"iterations_ratio": None, "seconds_ratio": None, "flow_grpo_final": None, "seeds": []}
+    if not stepwise or not flow_grpo:
         return result
-    target = float(np.mean(flow_grpo["final_heldout"]))
-    flow_seconds = _mean(flow_grpo["curve"][str(budget)]["seconds"])
-    result["flow_grpo_final"] = target
+    seeds = sorted(set(stepwise["seeds"]) & set(flow_grpo["seeds"]))
+    if not seeds:
+        return result
+
+    def on_seeds(point: dict[str, Any], key: str, arm: dict[str, Any]) -> list[float]:
+        by_seed = dict(zip(point.get("seeds", arm["seeds"]), point[key], strict=True))
+        return [by_seed[seed] for seed in seeds if seed in by_seed]
+
+    target = float(np.mean([final for seed, final in zip(flow_grpo["seeds"], flow_grpo["final_heldout"], strict=True)
+                            if seed in seeds]))
+    flow_seconds = _mean(on_seeds(flow_grpo["curve"][str(budget)], "seconds", flow_grpo))
+    result.update(flow_grpo_final=target, seeds=seeds)
     for iteration, point in sorted(stepwise["curve"].items(), key=lambda item: int(item[0])):
-        if len(point["heldout"]) == len(stepwise["seeds"]) and _mean(point["heldout"]) >= target:
+        heldout = on_seeds(point, "heldout", stepwise)
+        if len(heldout) == len(seeds) and _mean(heldout) >= target:
             result["iterations_ratio"] = int(iteration) / budget
-            result["seconds_ratio"] = _mean(point["seconds"]) / flow_seconds if flow_seconds else None
+            seconds = _mean(on_seeds(point, "seconds", stepwise))
+            result["seconds_ratio"] = seconds / flow_seconds if flow_seconds else None
             result["stepwise_reaches_at_iteration"] = int(iteration)
             break
     return result

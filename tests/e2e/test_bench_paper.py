@@ -69,6 +69,12 @@ def test_catch_up_finds_where_stepwise_reaches_flow_grpos_final_score():
     assert abs(result["seconds_ratio"] - 550 / 1100) < 1e-12
     never = arm([(0, [0.3, 0.3]), (100, [0.35, 0.36])])
     assert catch_up(never, flow, 100)["iterations_ratio"] is None
+    # Only the seeds both arms finished count: against seed 1 alone (final 0.44) Stepwise needs 100 iterations.
+    one_seed = {"seeds": [1], "final_heldout": [0.5],
+                "curve": {str(i): {"seeds": [1], "heldout": [h[1]], "seconds": [12.0 * i]} for i, h in
+                          [(0, [0.3, 0.3]), (25, [0.41, 0.42]), (50, [0.43, 0.42]), (100, [0.5, 0.5])]}}
+    result = catch_up(one_seed, flow, 100)
+    assert result["seeds"] == [1] and result["flow_grpo_final"] == 0.44 and result["iterations_ratio"] == 1.0
 
 
 def test_combine_puts_the_main_run_on_top_and_keeps_every_run(tmp_path):
