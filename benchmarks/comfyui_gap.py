@@ -70,7 +70,7 @@ def evaluate_all(folders: dict[str, Path], eval_prompts_per_category: int, eval_
 
     config = load_config(RECIPE).replace(**{
         "train.eval_prompts": heldout_prompt_set(eval_prompts_per_category), "train.eval_samples": eval_samples,
-        "train.output_dir": str(Path(tempfile.mkdtemp()) / "eval")})
+        "train.output_dir": "unused: build_session writes nothing"})
     session = build_session(config)
     scale = config.lora.alpha / config.lora.rank
     fresh = {name: value.clone() for name, value in session.model.module.state_dict().items() if "lora_" in name}

@@ -21,9 +21,9 @@ from typing import Any
 
 from ..atomic import atomic_write_text
 from ..config import load_config
+from .paper import STEPWISE_CONFIG
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "configs" / "miniworld.yaml"
+RECIPE = STEPWISE_CONFIG
 
 
 def probe(config_path: str, groups: int, chunk: int, device: str) -> dict[str, Any]:

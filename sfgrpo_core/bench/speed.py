@@ -26,28 +26,26 @@ from ..atomic import atomic_write_text
 from ..config import Config, load_config
 from ..models.condition import select
 from ..training.metrics import CallCounter, json_safe
+from .paper import FLOW_GRPO_CONFIG, STEPWISE_CONFIG
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPES = {"stepwise": ROOT / "configs" / "miniworld.yaml", "flow_grpo": ROOT / "configs" / "miniworld_flow_grpo.yaml"}
+RECIPES = {"stepwise": STEPWISE_CONFIG, "flow_grpo": FLOW_GRPO_CONFIG}
 PHASES = ("rollout", "rewards", "update")
 
 
 def timed_iteration(session: Any, counter: CallCounter, iteration: int) -> dict[str, float]:
     """One training iteration (rollout -> rewards -> update) with its seconds per phase and its counted work."""
-    from ..training.trainer import assign_credit, collect, improve
+    from ..training.trainer import PhaseTimer, assign_credit, collect, improve
 
     counter.take()
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    recorded = collect(session, iteration)
-    seconds["rollout"] = time.perf_counter() - start
-    start = time.perf_counter()
-    assigned = assign_credit(session, recorded)
-    seconds["rewards"] = time.perf_counter() - start
+    timer = PhaseTimer()
+    with timer("rollout"):
+        recorded = collect(session, iteration)
+    with timer("rewards"):
+        assigned = assign_credit(session, recorded)
     sampling = counter.take()  # the rollout's and the completions' forward passes, and the decodes
-    start = time.perf_counter()
-    improve(session, recorded, assigned, iteration)
-    seconds["update"] = time.perf_counter() - start
+    with timer("update"):
+        improve(session, recorded, assigned, iteration)
+    seconds = timer.seconds
     update = counter.take()  # forward + backward passes (and the KL reference's forward passes, if any)
     return {**seconds, "total": sum(seconds.values()), "model_calls": sampling["model_calls"] + update["model_calls"],
             "update_samples": update["model_calls"], "decoded_images": sampling["decoded_images"],

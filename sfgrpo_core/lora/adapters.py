@@ -94,9 +94,7 @@ def _is_tuner(layer: nn.Module) -> bool:
 
 
 def _tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    return [layer for layer in module.modules() if _is_tuner(layer)]  # type: ignore[misc]
 
 
 @contextlib.contextmanager
@@ -118,9 +116,7 @@ def detach_lora(module: nn.Module) -> None:
     For front ends that train a model they do not own (ComfyUI's MODEL): the module is left as it was before
     ``attach_lora``, its base weights untouched.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    wrapped = [(name, layer) for name, layer in module.named_modules() if isinstance(layer, BaseTunerLayer)]
+    wrapped = [(name, layer) for name, layer in module.named_modules() if _is_tuner(layer)]
     for name, layer in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
