@@ -1,14 +1,20 @@
 """Rewards in ComfyUI: load one from the core registry (SFGRPOLoadReward) and score images with it (SFGRPOScore).
 
-The nodes go through ``sfgrpo_core.rewards`` exactly as the trainer does (the same ``load`` and the same defensive
-``score``), so a score seen on a node is the score the trainer would give that image.
+The nodes go through ``sfgrpo_core.rewards`` exactly as the trainer does (the same registry, ``load`` and defensive
+``score``), so a score seen on a node is the score the trainer would give that image. A reward backed by a torch
+model is built once per (name, options) and lives on ComfyUI's offload device; it moves to ComfyUI's compute device
+only while it scores (``on_compute_device``), after ComfyUI's model management freed room for it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import comfy.model_management
 import torch
 from comfy_api.latest import io, ui
 
@@ -39,11 +45,51 @@ def load_reward(name: str, options: str) -> LoadedReward:
     if not isinstance(parsed, dict):
         raise ValueError(f"options: expected a JSON object of keyword options such as {{\"quality\": 90}}, got "
                          f"{type(parsed).__name__}")
+    options_json = json.dumps(parsed, sort_keys=True)
+    key = (name, options_json)
+    if key not in _LOADED:
+        try:
+            reward = rewards.load(name, **parsed)
+        except (TypeError, ValueError) as error:  # unknown keyword (load turns it into ValueError) or a bad value
+            raise ValueError(f"options: reward {name!r} rejected {text}: {error}") from None
+        if isinstance(reward, rewards.TorchReward) or hasattr(reward, "torch_modules"):
+            reward.to(comfy.model_management.unet_offload_device())
+        _LOADED[key] = LoadedReward(name=name, options_json=options_json, reward=reward)
+        while len(_LOADED) > LOADED_REWARDS_KEPT:
+            _LOADED.popitem(last=False)
+    _LOADED.move_to_end(key)
+    return _LOADED[key]
+
+
+# Rewards built so far, most recently used last: a heavy reward model is loaded once, not at every run of a graph.
+LOADED_REWARDS_KEPT = 2
+_LOADED: OrderedDict[tuple[str, str], LoadedReward] = OrderedDict()
+
+
+@contextmanager
+def on_compute_device(loaded: LoadedReward) -> Iterator[None]:
+    """Within the block, a torch-backed reward sits on ComfyUI's compute device (after ComfyUI freed memory for
+    it, unloading other models if it must); afterwards it goes back to the offload device and its memory is freed.
+    Rewards without torch modules are left as they are."""
+    modules = loaded.reward.torch_modules() if hasattr(loaded.reward, "torch_modules") else []
+    if not modules:
+        yield
+        return
+    device = comfy.model_management.get_torch_device()
+    size = sum(tensor.numel() * tensor.element_size() for module in modules
+               for tensor in [*module.parameters(), *module.buffers()])
+    comfy.model_management.free_memory(int(size * 1.2), device)
+    loaded.reward.to(device)
     try:
-        reward = rewards.load(name, **parsed)
-    except (TypeError, ValueError) as error:  # unknown keyword (load turns it into ValueError) or a bad value
-        raise ValueError(f"options: reward {name!r} rejected {text}: {error}") from None
-    return LoadedReward(name=name, options_json=json.dumps(parsed, sort_keys=True), reward=reward)
+        yield
+    finally:
+        loaded.reward.to(comfy.model_management.unet_offload_device())
+        comfy.model_management.soft_empty_cache()
+
+
+def options_help() -> str:
+    """Every registered reward with its options and defaults, for the Load Reward node."""
+    return "\n".join(rewards.describe(name) for name in rewards.available())
 
 
 def score_images(loaded: LoadedReward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -54,7 +100,8 @@ def score_images(loaded: LoadedReward, images: torch.Tensor, prompts: list[str])
             prompt-aware reward given prompts it does not understand).
     """
     try:
-        return rewards.score(loaded.reward, to_uint8(images), prompts)
+        with on_compute_device(loaded):
+            return rewards.score(loaded.reward, to_uint8(images), prompts).values
     except rewards.RewardError as error:
         raise ValueError(f"reward: {loaded.name!r} could not score any of the {len(prompts)} images ({error}); "
                          f"check that the prompts are ones this reward understands") from None
@@ -96,9 +143,9 @@ class SFGRPOLoadReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SFGRPOLoadReward", display_name="Stepwise-Flow-GRPO Load Reward", category=CATEGORY,
-            description="Loads a reward the trainer can optimise and the Score / Tweedie Preview nodes can show. "
-                        "mini_geneval judges mini-world images against their caption; jpeg_compressibility "
-                        "(DDPO) needs no prompt.",
+            description="Loads a reward the trainer can optimise and the Score / Tweedie Preview nodes can show "
+                        "(the same registry as the sfgrpo CLI, installed plug-ins included). Each reward and its "
+                        "options:\n" + options_help(),
             inputs=[
                 # Read at every validation: rewards registered after the pack loaded appear too.
                 io.Combo.Input("reward", options=rewards.available(),
@@ -106,7 +153,8 @@ class SFGRPOLoadReward(io.ComfyNode):
                                tooltip="The registered reward to load."),
                 io.String.Input("options", multiline=True, default="{}",
                                 tooltip='Keyword options of the reward as a JSON object, e.g. {"quality": 90} for '
-                                        "the JPEG rewards; {} for the defaults."),
+                                        "the JPEG rewards; {} for the defaults. Each reward's options:\n"
+                                        + options_help()),
             ],
             outputs=[Reward.Output(display_name="reward", tooltip="The loaded reward, for the Score, Tweedie "
                                                                   "Preview and trainer nodes.")],

@@ -30,6 +30,7 @@ from .comfy_model import (
     require_flow_patcher,
     trainable,
 )
+from .rewards import on_compute_device
 from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward, image_tensor
 from .widgets import config_input
 
@@ -218,7 +219,7 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start,
                                     cls.hidden.unique_id if cls.hidden else None)
         hooks = TrainHooks(on_rollout_step=progress.on_rollout_step, on_iteration=progress.on_iteration)
-        with trainable(flow):
+        with on_compute_device(reward), trainable(flow):  # the reward first: its memory is freed before the model's
             result = train(config, model=flow, reward=reward.reward, resume=resume, hooks=hooks)
         # The run's own ComfyUI file (ComfyFlowModel.export_lora) goes into the loras folder byte for byte, and the
         # LORA_MODEL and MODEL outputs are read back from it: one conversion, one LoRA everywhere.

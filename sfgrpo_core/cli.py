@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     from .bench.memory import add_arguments as add_memory_arguments
     from .bench.paper import add_arguments as add_paper_arguments
+    from .bench.rewards import add_arguments as add_rewards_arguments
     from .bench.speed import add_arguments as add_speed_arguments
 
     add_paper_arguments(bench_commands.add_parser(
@@ -70,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         "speed", help="cost of a Stepwise iteration next to a Flow-GRPO one, by phase, and the loop's overhead"))
     add_memory_arguments(bench_commands.add_parser(
         "memory", help="peak memory of an iteration as groups grow, chunked and not"))
+    add_rewards_arguments(bench_commands.add_parser(
+        "rewards", help="milliseconds per image of each reward on this machine (model-backed ones on random-init "
+                        "models of their real size)"))
+    commands.add_parser("rewards", help="list the registered rewards (built-in and installed plug-ins) with their "
+                                        "options")
+    server = commands.add_parser("reward-server", help="serve a registered reward over HTTP (JSON + PNG) for the "
+                                                       "'remote' reward, e.g. from an environment of its own")
+    server.add_argument("--reward", required=True, help="the registered reward to serve (see: sfgrpo rewards)")
+    server.add_argument("--options", default="{}", help="the reward's keyword options as a JSON object")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    server.add_argument("--port", type=int, default=8790, help="port to listen on")
     miniworld = commands.add_parser("miniworld", help="the mini world (a self-made SD3 in miniature)")
     miniworld_commands = miniworld.add_subparsers(dest="miniworld_command", required=True)
     build = miniworld_commands.add_parser("build", help="rebuild the mini world's weights and manifest (~25 min on "
@@ -82,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "miniworld":
         return _miniworld(args)
+    if args.command in ("rewards", "reward-server"):
+        return _rewards(args)
     if args.command == "run":
         from .headless.runner import run_from_args
 
@@ -94,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.memory import run_from_args as bench_memory
 
         return bench_memory(args)
+    if args.command == "bench" and args.bench_command == "rewards":
+        from .bench.rewards import run_from_args as bench_rewards
+
+        return bench_rewards(args)
     if args.command == "bench":
         from .bench.paper import run_from_args as bench_paper
 
@@ -116,9 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for check in checks:
                 print(check.line())
             return 0 if all(check.passed for check in checks) else 1
+        from .rewards import RewardError, RewardInputError
         from .training.trainer import train
 
-        result = train(config, resume=args.resume, progress=True)
+        try:
+            result = train(config, resume=args.resume, progress=True)
+        except (RewardError, RewardInputError) as error:
+            print(f"sfgrpo: reward error: {error}", file=sys.stderr)
+            return 1
     except ConfigError as error:
         print(f"sfgrpo: config error: {error}", file=sys.stderr)
         return 2
@@ -127,6 +150,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"held-out reward {evaluations[0]:.4f} -> {evaluations[-1]:.4f}")
     print(f"LoRA: {result.lora_path}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
           f"reward curve: {result.run_dir / 'reward_curve.png'}")
+    return 0
+
+
+def _rewards(args: argparse.Namespace) -> int:
+    import json
+
+    from . import rewards
+
+    if args.command == "rewards":
+        for name in rewards.available():
+            print(rewards.describe(name))
+        return 0
+    from .rewards.remote import RewardServer
+
+    try:
+        options = json.loads(args.options)
+        if not isinstance(options, dict):
+            raise ValueError("expected a JSON object")
+        server = RewardServer(args.reward, options, host=args.host, port=args.port)
+    except ValueError as error:
+        print(f"sfgrpo reward-server: --reward/--options: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"sfgrpo reward-server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 2
+    print(f"serving reward {args.reward!r} at {server.url} (POST /score, GET /info); Ctrl+C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 

@@ -43,7 +43,7 @@ class JpegSize:
 
 
 class ToyModeCloseness:
-    """exp(-|x - c_k|^2 / (2 width^2)) for points x [B, 2] and prompts 'mode k': 1 at the asked mode's centre."""
+    """The toy world's reward: exp(-|x - c_k|^2 / (2 width^2)) for 2-D points x and prompts 'mode k'."""
 
     def __init__(self, width: float = 1.5):
         if width <= 0:
@@ -59,15 +59,24 @@ class ToyModeCloseness:
         return torch.exp(-((points - centres) ** 2).sum(1) / (2 * self.width**2))
 
 
-register("jpeg_compressibility", lambda quality=95: JpegSize(-1.0, quality))
-register("jpeg_incompressibility", lambda quality=95: JpegSize(1.0, quality))
-register("toy_mode", ToyModeCloseness)
+def jpeg_compressibility(quality: int = 95) -> JpegSize:
+    """DDPO's compressibility: minus the JPEG size in kB at ``quality`` (smaller files score higher)."""
+    return JpegSize(-1.0, quality)
 
 
-def _mini_geneval():
+def jpeg_incompressibility(quality: int = 95) -> JpegSize:
+    """DDPO's incompressibility: the JPEG size in kB at ``quality`` (detailed images score higher)."""
+    return JpegSize(1.0, quality)
+
+
+def mini_geneval() -> Any:
+    """The mini world's GenEval: the fraction of the caption's constraints (objects, count, colour, position) held."""
     from ..miniworld.geneval import MiniGenEval
 
     return MiniGenEval()
 
 
-register("mini_geneval", _mini_geneval)
+register("jpeg_compressibility", jpeg_compressibility, replace=False)
+register("jpeg_incompressibility", jpeg_incompressibility, replace=False)
+register("toy_mode", ToyModeCloseness, replace=False)
+register("mini_geneval", mini_geneval, replace=False)

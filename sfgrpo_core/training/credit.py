@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -31,28 +31,38 @@ class Credit:
         advantages: [N, T] per transition; NaN where missing or masked.
         gains: [N, T] stepwise gains, or None for flow_grpo.
         reward_calls: number of images scored.
+        components: for a reward made of several, each component's rewards, shaped like ``rewards``.
     """
 
     rewards: torch.Tensor
     advantages: torch.Tensor
     gains: torch.Tensor | None
     reward_calls: int
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def final_rewards(self) -> torch.Tensor:
         return self.rewards[:, -1]
 
+    @property
+    def final_components(self) -> dict[str, torch.Tensor]:
+        return {name: values[:, -1] for name, values in self.components.items()}
+
 
 def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
                     batch_sizes: BatchSizes) -> Credit:
     """Stepwise-Flow-GRPO: gains of T'-step completions, jointly (or per-step, for ablations) normalized."""
-    rewards_per_step = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes)
-    gains = advantages.stepwise_gains(rewards_per_step)
+    scores = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes)
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages
-    step_advantages = normalize(gains, rollout.batch.group_ids, std_scope=_std_scope(config), eps=config.std_eps,
-                                clip=config.advantage_clip, mask=rollout.active)
-    return Credit(rewards=rewards_per_step, advantages=step_advantages, gains=gains,
-                  reward_calls=images_scored(rollout))
+
+    def advantages_of(rewards_per_step: torch.Tensor) -> torch.Tensor:
+        return normalize(advantages.stepwise_gains(rewards_per_step), rollout.batch.group_ids,
+                         std_scope=_std_scope(config), eps=config.std_eps, clip=config.advantage_clip,
+                         mask=rollout.active)
+
+    return Credit(rewards=scores.values, advantages=_mixed(advantages_of, scores, reward),
+                  gains=advantages.stepwise_gains(scores.values), reward_calls=images_scored(rollout),
+                  components=scores.components)
 
 
 @torch.no_grad()
@@ -60,10 +70,27 @@ def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rew
                      batch_sizes: BatchSizes) -> Credit:
     """Flow-GRPO: the final reward's group-relative advantage, the same for every step of a trajectory."""
     final = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_sizes.rewards)
-    per_trajectory = advantages.flow_grpo_advantages(final, rollout.batch.group_ids, std_scope=_std_scope(config),
-                                                 eps=config.std_eps, clip=config.advantage_clip)
-    broadcast = per_trajectory[:, None].expand(-1, rollout.log_probs.shape[1]).clone()
-    return Credit(rewards=final[:, None], advantages=broadcast, gains=None, reward_calls=len(final))
+    steps = rollout.log_probs.shape[1]
+
+    def advantages_of(final_rewards: torch.Tensor) -> torch.Tensor:
+        per_trajectory = advantages.flow_grpo_advantages(final_rewards[:, 0], rollout.batch.group_ids,
+                                                         std_scope=_std_scope(config), eps=config.std_eps,
+                                                         clip=config.advantage_clip)
+        return per_trajectory[:, None].expand(-1, steps).clone()
+
+    as_columns = rewards.Scores(final.values[:, None], {name: v[:, None] for name, v in final.components.items()})
+    return Credit(rewards=as_columns.values, advantages=_mixed(advantages_of, as_columns, reward), gains=None,
+                  reward_calls=len(final.values), components=as_columns.components)
+
+
+def _mixed(advantages_of: Callable[[torch.Tensor], torch.Tensor], scores: rewards.Scores,
+           reward: rewards.Reward) -> torch.Tensor:
+    """The advantages of the reward; for a mix that normalizes each component first (weighted with
+    aggregate='normalize_then_sum'), the weighted sum of each component's own advantages."""
+    weights = getattr(reward, "advantage_weights", None)
+    if not weights:
+        return advantages_of(scores.values)
+    return sum(weight * advantages_of(scores.components[name]) for name, weight in weights.items())
 
 
 def _std_scope(config: CreditConfig) -> advantages.StdScope:

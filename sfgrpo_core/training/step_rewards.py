@@ -28,12 +28,17 @@ class BatchSizes:
 
 
 def score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torch.Tensor, prompts: list[str],
-                      batch_size: int) -> torch.Tensor:
-    """Decode clean samples exactly as final images are decoded, and score them, ``batch_size`` at a time."""
-    scores = [rewards.score(reward, model.decode(samples[start : start + batch_size]),
-                            prompts[start : start + batch_size])
-              for start in range(0, len(prompts), batch_size)]
-    return torch.cat(scores)
+                     batch_size: int) -> rewards.Scores:
+    """Decode clean samples exactly as final images are decoded, and score them, ``batch_size`` at a time: [n]
+    scores (and each component's [n] scores for a reward made of several)."""
+    parts = [rewards.score(reward, model.decode(samples[start : start + batch_size]),
+                           prompts[start : start + batch_size])
+             for start in range(0, len(prompts), batch_size)]
+    names = sorted({name for part in parts for name in part.components})
+    def component(name: str) -> torch.Tensor:  # NaN in a batch whose items all failed that component
+        return torch.cat([part.components.get(name, torch.full_like(part.values, float("nan"))) for part in parts])
+
+    return rewards.Scores(torch.cat([part.values for part in parts]), {name: component(name) for name in names})
 
 
 def distinct_states(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,8 +79,8 @@ def images_scored(rollout: Rollout) -> int:
 
 @torch.no_grad()
 def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, *, substeps: int,
-                 batch_sizes: BatchSizes) -> torch.Tensor:
-    """r_k for every state of every trajectory: [N, T + 1].
+                 batch_sizes: BatchSizes) -> rewards.Scores:
+    """r_k for every state of every trajectory: [N, T + 1] (and each component's [N, T + 1] for a mix).
 
     r_0..r_{T-1} reward the T'-substep ODE completion of x_k made with the rollout weights, r_T the final sample
     itself. A state shared by several members of a group is completed and scored once (``distinct_states``: r_0 once
@@ -98,7 +103,12 @@ def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward,
     clean = torch.cat([torch.cat(completions), rollout.final])
     prompts = [batch.prompts[i] for i in members.tolist()] + list(batch.prompts)
     scores = score_in_batches(model, reward, clean, prompts, batch_sizes.rewards)
-    result = torch.full((count, steps + 1), float("nan"))
-    result[:, :steps] = scores[: len(members)][index]
-    result[:, steps] = scores[len(members) :]
-    return result
+
+    def per_step(flat: torch.Tensor) -> torch.Tensor:  # distinct completions then finals -> [N, T + 1]
+        result = torch.full((count, steps + 1), float("nan"))
+        result[:, :steps] = flat[: len(members)][index]
+        result[:, steps] = flat[len(members) :]
+        return result
+
+    return rewards.Scores(per_step(scores.values),
+                          {name: per_step(values) for name, values in scores.components.items()})

@@ -190,10 +190,12 @@ def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: in
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Held-out rewards of ODE samples: ``scores`` [n] (NaN = missing) of ``prompts`` (n texts)."""
+    """Held-out rewards of ODE samples: ``scores`` [n] (NaN = missing) of ``prompts`` (n texts), and each
+    component's [n] scores for a reward made of several."""
 
     scores: torch.Tensor
     prompts: list[str]
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -215,7 +217,7 @@ def evaluate(session: Session) -> Evaluation:
                       chunk_size=config.train.sample_batch_size).final
     scores = score_in_batches(session.model, session.reward, samples, list(batch.prompts),
                               config.train.reward_batch_size)
-    return Evaluation(scores=scores, prompts=list(batch.prompts))
+    return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components)
 
 
 def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assigned: Credit, stats: UpdateStats,
@@ -223,6 +225,10 @@ def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assig
     """What a user needs to debug RL, for one iteration."""
     final = assigned.final_rewards
     finite_final = final[torch.isfinite(final)]
+    if not finite_final.numel():
+        raise rewards.RewardError(f"iteration {iteration}: the reward could not score any of the {len(final)} final "
+                                  f"images (all missing); stopping. The last checkpoint is kept: fix the reward "
+                                  f"(or its server) and resume.")
     record: dict[str, Any] = {
         "iteration": iteration,
         "samples_seen": (iteration + 1) * len(recorded.batch.prompts),
@@ -236,6 +242,10 @@ def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assig
         "approx_kl": stats.approx_kl, "kl_penalty": stats.kl_penalty, "grad_norm": stats.grad_norm,
         "lr": session.optimizer.param_groups[0]["lr"],
     }
+    if assigned.components:
+        record["reward_components"] = {name: _nanmean(values) for name, values in assigned.final_components.items()}
+        record["reward_components_missing"] = {name: int(torch.isnan(values).sum())
+                                               for name, values in assigned.final_components.items()}
     if assigned.gains is not None:
         record["step_reward_mean"] = [_nanmean(assigned.rewards[:, k]) for k in range(assigned.rewards.shape[1])]
         record["gain_abs_mean"] = [_nanmean(assigned.gains[:, k].abs()) for k in range(assigned.gains.shape[1])]
@@ -270,6 +280,9 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
         record.update(counter.take(), seconds_elapsed=elapsed)
         if evaluation is not None:
             record["eval_reward_mean"] = evaluation.mean
+            if evaluation.components:
+                record["eval_reward_components"] = {name: _nanmean(values)
+                                                    for name, values in evaluation.components.items()}
         log.log(record)
         if hooks.on_iteration:
             hooks.on_iteration(record)

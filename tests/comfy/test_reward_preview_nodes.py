@@ -147,6 +147,62 @@ def test_score_marks_an_image_the_reward_fails_on_as_missing(engine, pack_reward
     assert _error_message(engine, graph).startswith("reward: 'test_fails_on_black' could not score any")
 
 
+def test_a_reward_registered_through_import_sfgrpo_core_reaches_the_nodes(engine, pack_rewards):
+    """ComfyUI imports the pack under its own module name: the nodes' registry is a second module object, but the
+    table is one, so a reward a user (or another node pack) registers via ``import sfgrpo_core`` can be loaded."""
+    from sfgrpo_core import rewards
+
+    assert pack_rewards is not rewards
+    rewards.register("test_from_user_code", lambda scale=1.0: (
+        lambda images, prompts, metadata=None: scale * images.float().mean((1, 2, 3)) / 255))
+    schema = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOLoadReward"].define_schema()
+    assert "test_from_user_code" in schema.inputs[0].options
+    assert "test_from_user_code(scale=1.0)" in schema.inputs[1].tooltip  # every reward's options are shown
+    _run_ok(engine, _score_graph(_two_flat_images(0x808080, 0x808080),
+                                 _load_reward("test_from_user_code", '{"scale": 2.0}'), ""))
+    assert CAPTURED["score"]["scores"] == [pytest.approx(2 * 128 / 255)] * 2
+
+
+class _TinyTorchReward:
+    """A reward backed by a torch module, as the model-backed rewards are (``torch_modules`` + ``to``)."""
+
+    built = 0
+    devices_while_scoring: list = []
+
+    def __init__(self):
+        type(self).built += 1
+        self.head = torch.nn.Linear(3, 1)
+
+    def torch_modules(self):
+        return [self.head]
+
+    def to(self, device):
+        self.head.to(device)
+        return self
+
+    def __call__(self, images, prompts, metadata=None):
+        type(self).devices_while_scoring.append(self.head.weight.device)
+        pixels = images.float().mean((1, 2)).to(self.head.weight.device) / 255
+        return self.head(pixels)[:, 0].cpu()
+
+
+def test_a_model_backed_reward_is_loaded_once_and_on_the_compute_device_only_while_scoring(engine, pack_rewards,
+                                                                                             monkeypatch):
+    import comfy.model_management
+
+    monkeypatch.setitem(pack_rewards._REGISTRY, "test_tiny_torch", _TinyTorchReward)
+    graph = _score_graph(_two_flat_images(0x102030, 0x405060), _load_reward("test_tiny_torch"), "")
+    _run_ok(engine, graph)
+    first = list(CAPTURED["score"]["scores"])
+    _run_ok(engine, graph)  # a fresh executor: no ComfyUI cache, yet the reward is not built again
+    assert CAPTURED["score"]["scores"] == first and _TinyTorchReward.built == 1
+    compute, offload = comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
+    assert all(device.type == compute.type for device in _TinyTorchReward.devices_while_scoring)
+    loaded = sys.modules[engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOLoadReward"].__module__]._LOADED
+    reward = next(item.reward for key, item in loaded.items() if key[0] == "test_tiny_torch")
+    assert reward.head.weight.device.type == offload.type  # back on the offload device after scoring
+
+
 def test_score_refuses_a_prompt_count_that_fits_neither_rule(engine):
     graph = _score_graph(_two_flat_images(0xFF0000, 0x00FF00), _load_reward("jpeg_compressibility"),
                          "a red circle\na blue square\na green circle")

@@ -49,7 +49,7 @@ def test_step_rewards_score_each_members_own_noise_when_it_is_not_shared(toy_con
         calls.append(len(prompts))
         return load_reward("toy_mode")(images, prompts)
 
-    rewards = step_rewards(session.model, recorded, reward, substeps=2, batch_sizes=BatchSizes(7, 7))
+    rewards = step_rewards(session.model, recorded, reward, substeps=2, batch_sizes=BatchSizes(7, 7)).values
     count, steps = recorded.log_probs.shape
     assert sum(calls) == images_scored(recorded) == count * (steps + 1)
     # r_0 of two members of one group differ (each completes its own x_1), and none is missing.

@@ -129,5 +129,5 @@ def test_registered_in_the_reward_registry():
     from sfgrpo_core.miniworld.scenes import sample_scene
 
     scene = sample_scene(7)
-    scores = rewards.score(rewards.load("mini_geneval"), np.stack([scene.image]), [scene.caption])
+    scores = rewards.score(rewards.load("mini_geneval"), np.stack([scene.image]), [scene.caption]).values
     assert scores.tolist() == [1.0]

@@ -25,7 +25,7 @@ def test_samples_decode_to_images_and_score(world):
     samples = rollout(world, batch, flow_sigmas(10, 3.0), get_step_function("ode", 0.0)).final
     images = world.decode(samples)
     assert images.dtype == torch.uint8 and images.shape == (4, 64, 64, 3)
-    scores = rewards.score(rewards.load("mini_geneval"), images, batch.prompts)
+    scores = rewards.score(rewards.load("mini_geneval"), images, batch.prompts).values
     assert torch.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
     assert world.default_prompts and world.default_eval_prompts
     with pytest.raises(ValueError, match="unknown word 'dog'"):

@@ -16,8 +16,8 @@ def _images(count=3, seed=0):
 def test_registry_lists_builtins_and_rejects_unknown_names():
     names = rewards.available()
     assert {"jpeg_compressibility", "jpeg_incompressibility", "toy_mode"} <= set(names)
-    with pytest.raises(ValueError, match="unknown reward 'pickscore'.*available"):
-        rewards.load("pickscore")
+    with pytest.raises(ValueError, match="unknown reward 'no_such_reward'.*available"):
+        rewards.load("no_such_reward")
     with pytest.raises(ValueError, match="bad options"):
         rewards.load("jpeg_compressibility", colour=3)
 
@@ -38,7 +38,7 @@ def test_register_and_plain_callables():
 
     rewards.register("test_brightness", lambda: brightness)
     assert "test_brightness" in rewards.available()
-    scores = rewards.score(rewards.load("test_brightness"), _images(), ["a"] * 3)
+    scores = rewards.score(rewards.load("test_brightness"), _images(), ["a"] * 3).values
     assert scores.shape == (3,) and scores[1] > scores[0]
 
     def plain(images, prompts, metadata=None):
@@ -53,10 +53,10 @@ def test_a_failing_image_is_missing_not_zero():
             raise RuntimeError("cannot score this one")
         return torch.full((len(prompts),), 0.5)
 
-    scores = rewards.score(fragile, _images(), ["ok", "bad", "ok"])
+    scores = rewards.score(fragile, _images(), ["ok", "bad", "ok"]).values
     assert torch.isnan(scores[1]) and (scores[[0, 2]] == 0.5).all()
     nan_scores = rewards.score(lambda images, prompts, metadata=None: torch.tensor([1.0, float("inf"), 2.0]),
-                               _images(), ["a"] * 3)
+                               _images(), ["a"] * 3).values
     assert torch.isnan(nan_scores[1]) and nan_scores[0] == 1.0
 
 

@@ -99,7 +99,7 @@ def test_every_reward_lands_in_its_member_and_step_cell(batch_size, shared_noise
     recorded = _rollout(model, shared_noise=shared_noise)
     reward = RecordingReward()
     sizes = BatchSizes(samples=batch_size, rewards=batch_size + 2)
-    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=sizes)
+    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=sizes).values
 
     prompts = recorded.batch.prompts
     assert result.shape == (len(prompts), STEPS + 1)
@@ -136,7 +136,7 @@ def test_a_shared_r0_is_scored_once_per_group_with_its_prompt():
 def test_one_substep_scores_the_tweedie_estimate():
     model = toy_world()
     recorded = _rollout(model)
-    result = step_rewards(model, recorded, RecordingReward(), substeps=1, batch_sizes=BatchSizes(5, 5))
+    result = step_rewards(model, recorded, RecordingReward(), substeps=1, batch_sizes=BatchSizes(5, 5)).values
     k = 2
     sigma = recorded.sigmas[k].expand(len(recorded.batch.prompts))
     x0_hat = tweedie.x0_estimate(recorded.states[:, k], model.velocity(recorded.states[:, k], sigma,
@@ -186,7 +186,8 @@ def test_completions_start_from_the_rollouts_velocity(substeps):
     model = toy_world()
     recorded = _rollout(model)
     counting = CountingModel(model)
-    result = step_rewards(counting, recorded, RecordingReward(), substeps=substeps, batch_sizes=BatchSizes(7, 7))
+    result = step_rewards(counting, recorded, RecordingReward(), substeps=substeps,
+                          batch_sizes=BatchSizes(7, 7)).values
     assert counting.samples == (substeps - 1) * len(distinct_states(recorded)[0])
     condition = recorded.batch.condition
     for k in range(STEPS):
