@@ -23,7 +23,7 @@ from ..atomic import atomic_write_text
 
 TEXT = "OPEN 24 HOURS"
 PROMPT = f'a shop window with a neon sign that says "{TEXT}"'
-MINI_WORLD_CAPTION = "a photo of a red circle"
+MINI_WORLD_CAPTION = "a red circle"
 # Rewards that need model weights: timed on a random-initialised model of the real size.
 MODEL_BACKED = ("pickscore", "clip", "aesthetic", "hps", "imagereward")
 DEFAULT_REWARDS = ("jpeg_compressibility", "mini_geneval", "ocr", "nsfw", "pickscore", "clip", "aesthetic", "hps")

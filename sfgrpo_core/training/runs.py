@@ -38,7 +38,18 @@ def loss_map(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     keys = ("loss", "reward_mean", "approx_kl", "clip_fraction", "zero_std_ratio")
     series = {key: [float(r[key]) for r in records if key in r and "loss" in r] for key in keys}
     series["eval_reward_mean"] = [float(r["eval_reward_mean"]) for r in records if "eval_reward_mean" in r]
+    for name in _component_names(records):  # a weighted mix: each component's mean, "reward/<name>"
+        series[f"reward/{name}"] = [_float(r["reward_components"].get(name)) for r in records
+                                    if "loss" in r and "reward_components" in r]
     return series
+
+
+def _component_names(records: list[dict[str, Any]]) -> list[str]:
+    return sorted({name for r in records for name in r.get("reward_components", {})})
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
 
 
 def summary(records: list[dict[str, Any]], run_dir: Path, lora_name: str) -> str:
@@ -50,6 +61,9 @@ def summary(records: list[dict[str, Any]], run_dir: Path, lora_name: str) -> str
         lines.append(f"train reward: {_fmt(rewards[0])} -> {_fmt(rewards[-1])} over {len(rewards)} iterations")
     if evals:
         lines.append(f"held-out reward: {_fmt(evals[0])} -> {_fmt(evals[-1])}")
+    mixed = [r["reward_components"] for r in records if "reward_components" in r]
+    for name in _component_names(records):
+        lines.append(f"  {name}: {_fmt(mixed[0].get(name))} -> {_fmt(mixed[-1].get(name))}")
     return "\n".join(lines)
 
 

@@ -42,3 +42,15 @@ def test_memory_benchmark_measures_each_point_in_a_fresh_process(tmp_path):
     assert [(p["chunk"], p["groups"], p["trajectories"]) for p in points] == [(6, 1, 12), (6, 2, 24), (0, 1, 12),
                                                                              (0, 2, 24)]
     assert all(p["peak_rss_mib"] > 100 and p["seconds"] > 0 for p in points)
+
+
+def test_bench_rewards_times_each_reward_and_reports_what_it_cannot(tmp_path):
+    out = tmp_path / "rewards.json"
+    result = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "rewards", "--rewards",
+                             "jpeg_compressibility,mini_geneval,ocr,imagereward", "--size", "64", "--batch", "2",
+                             "--repeats", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]  # imagereward cannot run here (its own environment): said so
+    records = {record["reward"]: record for record in json.loads(out.read_text())["results"]}
+    assert all(records[name]["ms_per_image"] > 0 for name in ("jpeg_compressibility", "mini_geneval", "ocr"))
+    assert "ms_per_image" not in records["imagereward"] and "ImageReward" in records["imagereward"]["error"]

@@ -11,6 +11,7 @@ import pytest
 from sfgrpo_core import rewards
 from sfgrpo_core.config import load_config
 from sfgrpo_core.training import trainer
+from sfgrpo_core.training.runs import loss_map, summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MIX = {"components": {"mini_geneval": 1.0, "jpeg_compressibility": 0.01}}
@@ -43,6 +44,10 @@ def test_a_weighted_run_logs_every_component(tmp_path, aggregate):
         assert record["reward_mean"] == pytest.approx(components["mini_geneval"]
                                                       + 0.01 * components["jpeg_compressibility"], abs=1e-5)
         assert record["reward_components_missing"] == {"mini_geneval": 0, "jpeg_compressibility": 0}
+    # The Train LoRA node's LOSS_MAP and summary show them too.
+    series = loss_map(records)
+    assert series["reward/mini_geneval"] == [record["reward_components"]["mini_geneval"] for record in trained]
+    assert "  jpeg_compressibility: " in summary(records, tmp_path / "run", "lora.safetensors")
     evaluated = [record for record in records if "eval_reward_components" in record]
     assert evaluated and set(evaluated[0]["eval_reward_components"]) == {"mini_geneval", "jpeg_compressibility"}
 
