@@ -24,7 +24,7 @@ from .comfy_model import patched_model_sampling
 from .rewards import score_images
 from .sampler import STRENGTH_TOOLTIP, require_flow_sampling, sample_sfgrpo
 from .types import CATEGORY as PACK_CATEGORY
-from .types import LoadedReward, Reward, image_tensor
+from .types import LoadedReward, Reward, image_tensor, require_finite
 
 CATEGORY = f"{PACK_CATEGORY}/preview"
 NO_REWARD_TEXT = "No reward is connected.\nConnect Load Reward to plot the reward\nof each step's clean estimate."
@@ -145,6 +145,7 @@ class SFGRPOTweediePreview(io.ComfyNode):
         import comfy.utils
         import latent_preview
 
+        require_finite(cfg=cfg, strength=strength)
         if substeps < 1:
             raise ValueError(f"substeps: must be at least 1, got {substeps}")
         if reward is not None and not isinstance(reward, LoadedReward):

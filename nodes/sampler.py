@@ -12,6 +12,7 @@ from comfy_api.latest import io
 from ..sfgrpo_core.algorithm.sde import SDE_NAMES, get_step_function
 from ..sfgrpo_core.seeding import derive_seed, member_generators, member_noise
 from .types import CATEGORY as PACK_CATEGORY
+from .types import require_finite
 
 CATEGORY = f"{PACK_CATEGORY}/sampling"
 
@@ -99,6 +100,9 @@ def sample_sfgrpo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
             continue
         velocity = (x - denoised) / sigma
         x = step(x, velocity, sigma, sigma_next, noise=member_noise(generators, x)).prev_sample.to(x.dtype)
+    if not torch.isfinite(x).all():
+        raise ValueError("sampler: the sample has non-finite values (NaN/inf): the model diverged at this precision "
+                         "or these inputs; try weight_dtype default (float32) in the model loader, or fewer steps")
     return x
 
 
@@ -156,6 +160,7 @@ class SFGRPOSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sde: str, strength: float) -> io.NodeOutput:
+        require_finite(strength=strength)
         return io.NodeOutput(make_sampler(sde, strength))
 
 

@@ -6,6 +6,7 @@ PROMPTS carries prompt texts with their encoded conditioning (``PromptSet``); RE
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,14 @@ class LoadedReward:
     name: str
     options_json: str
     reward: Any
+
+
+def require_finite(**inputs: float) -> None:
+    """Raise ValueError "<input>: ..." for a NaN or infinite float input (ComfyUI's min/max checks compare with < and
+    >, which NaN passes, so a NaN widget value would otherwise run and return black images)."""
+    for name, value in inputs.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: must be a finite number, got {value!r}")
 
 
 def image_tensor(rgb: Any) -> torch.Tensor:

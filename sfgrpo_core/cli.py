@@ -135,12 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(check.line())
             return 0 if all(check.passed for check in checks) else 1
         from .rewards import RewardError, RewardInputError
-        from .training.trainer import train
+        from .training.trainer import NonFiniteError, train
 
         try:
             result = train(config, resume=args.resume, progress=True)
-        except (RewardError, RewardInputError) as error:
-            print(f"sfgrpo: reward error: {error}", file=sys.stderr)
+        except (RewardError, RewardInputError, NonFiniteError) as error:
+            print(f"sfgrpo: {error}", file=sys.stderr)
             return 1
     except ConfigError as error:
         print(f"sfgrpo: config error: {error}", file=sys.stderr)

@@ -192,9 +192,12 @@ def get_step_function(name: str, strength: float) -> StepFunction:
     """The sampler called ``name`` with its noise strength bound (eta for ddim/cps, noise_level for flow_grpo).
 
     Raises:
-        ValueError: for an unknown name, listing the valid ones.
+        ValueError: for an unknown name, listing the valid ones, or a strength that is NaN, inf or negative.
     """
     _policy(name)
+    if not math.isfinite(strength) or strength < 0:
+        # NaN passes every < and > bound check, and would make every latent NaN: refuse it by name.
+        raise ValueError(f"strength: must be a finite number >= 0, got {strength!r}")
     return functools.partial(sde_step, name, strength=strength)
 
 

@@ -220,6 +220,25 @@ def evaluate(session: Session) -> Evaluation:
     return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components)
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf (latents, loss or LoRA weights): the run stops before anything is saved."""
+
+
+def require_finite(iteration: int, recorded: Rollout, stats: UpdateStats, model: VelocityModel) -> None:
+    """Stop the run (NonFiniteError) when the rollout's latents, the loss or the LoRA weights are not finite, so a
+    diverged run never writes a checkpoint or a LoRA and never reports success; the last checkpoint stays."""
+    advice = ("the last good checkpoint is kept; lower optim.lr, keep optim.grad_clip on, or run the model in "
+              "float32, then resume")
+    if not bool(torch.isfinite(recorded.states).all()):
+        raise NonFiniteError(f"iteration {iteration}: the rollout produced non-finite latents (NaN/inf); {advice}")
+    if not math.isfinite(stats.loss):
+        raise NonFiniteError(f"iteration {iteration}: the loss is {stats.loss}; {advice}")
+    bad = [name for name, tensor in lora_state_dict(model.module).items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteError(f"iteration {iteration}: LoRA weights became non-finite ({bad[0]}, {len(bad)} in all); "
+                             f"{advice}")
+
+
 def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assigned: Credit, stats: UpdateStats,
                       seconds: dict[str, float]) -> dict[str, Any]:
     """What a user needs to debug RL, for one iteration."""
@@ -275,6 +294,7 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
             assigned = assign_credit(session, recorded)
         with timer("update"):
             stats = improve(session, recorded, assigned, iteration)
+        require_finite(iteration, recorded, stats, session.model)
         elapsed += sum(timer.seconds.values()) - timer.seconds["eval"]
         record = iteration_metrics(iteration, session, recorded, assigned, stats, timer.seconds)
         record.update(counter.take(), seconds_elapsed=elapsed)

@@ -151,6 +151,24 @@ def test_comfyui_sample_equals_the_trainer_rollout(engine, world, sde):
     torch.testing.assert_close(comfy_final, expected, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_strength_is_refused_naming_it(engine, value):
+    """inf fails ComfyUI's own max/min check at validation; NaN passes it (every comparison is False), so the node
+    refuses it when it runs. Either way the input is named and nothing is sampled."""
+    import asyncio
+
+    graph = _graph(_sfgrpo(strength=value))
+    valid, _, _, node_errors = asyncio.run(engine.execution.validate_prompt("non-finite", graph, None))
+    if not valid:
+        assert node_errors["sampler"]["errors"][0]["details"] == "strength"
+        return
+    CAPTURED.clear()
+    server = engine.run(graph)
+    errors = [data for event, data in server.messages if event == "execution_error"]
+    assert errors and errors[0]["exception_message"].strip() == f"strength: must be a finite number, got {value!r}"
+    assert "custom" not in CAPTURED
+
+
 def test_refuses_a_model_that_is_not_flow_matching(engine):
     CAPTURED.clear()
     server = engine.run(_graph(_sfgrpo(), model_sampling="eps"))

@@ -2,6 +2,7 @@
 folder and LoRA, hands back a model that KSampler uses, and its LoRA loads in the stock loaders with every key. Also:
 the core backends' one LoRA file (diffusers' format) loads in ComfyUI's stock loader as it is, SD3 and FLUX."""
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -199,8 +200,26 @@ def test_bad_inputs_give_errors_that_say_what_to_change(engine):
     assert "width: 72 is not a multiple of 16; use 64" in _execution_error(engine, odd_width)
 
 
+@pytest.mark.parametrize("widget, field", [("lr", "optim.lr"), ("eta", "sampler.eta"),
+                                           ("noise_level", "sampler.noise_level"), ("clip_range", "optim.clip_range")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_widgets_are_refused_naming_the_field_and_leave_no_run_folder(engine, widget, field, value):
+    """inf fails ComfyUI's own bounds check at validation; NaN passes it (every comparison is False) and the config
+    refuses it before the run folder is made. Either way the input is named."""
+    runs_before = sorted(path.name for path in (engine.root / "output" / "sfgrpo").glob("*"))
+    graph = train_graph(f"non_finite_{widget}")
+    graph["train"]["inputs"][widget] = value
+    valid, _, _, node_errors = asyncio.run(engine.execution.validate_prompt("non-finite", graph, None))
+    if valid:
+        message = _execution_error(engine, graph)
+        assert message.startswith(f"{field}: must be a finite number, got {value!r}"), message
+    else:
+        assert node_errors["train"]["errors"][0]["details"] == widget
+    assert sorted(path.name for path in (engine.root / "output" / "sfgrpo").glob("*")) == runs_before
+
+
 def test_group_size_one_is_refused_at_validation(engine):
-    import asyncio
+
 
     prompt = train_graph(group_size=1)
     valid, _, _, node_errors = asyncio.run(engine.execution.validate_prompt("group", prompt, None))

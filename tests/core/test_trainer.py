@@ -1,6 +1,7 @@
 """The trainer end to end on the toy world: it learns, it is on-policy, and it resumes exactly."""
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -127,3 +128,16 @@ def test_missing_rewards_are_counted_and_left_out(toy_config):
                                                   "train.eval_every": 0})).records
     assert records[0]["reward_missing"] > 0
     assert all(torch.isfinite(torch.tensor([r["loss"], r["reward_mean"]])).all() for r in records)
+
+
+def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(toy_config, tmp_path):
+    config = toy_config.replace(**{"optim.lr": 1e30, "optim.grad_clip": 0.0, "train.iterations": 6,
+                                   "train.eval_every": 0, "train.checkpoint_every": 1})
+    with pytest.raises(trainer.NonFiniteError, match=r"iteration \d+: .*non-finite|the loss is nan"):
+        trainer.train(config)
+    run_dir = pathlib.Path(config.train.output_dir)
+    assert not (run_dir / "lora.safetensors").exists()  # no "success": the final LoRA is never written
+    from safetensors.torch import load_file
+
+    for checkpoint in (run_dir / "checkpoints").glob("iter_*"):
+        assert all(torch.isfinite(tensor).all() for tensor in load_file(checkpoint / "lora.safetensors").values())
