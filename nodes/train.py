@@ -132,6 +132,23 @@ def _prompt_server() -> Any:
     return getattr(PromptServer, "instance", None)
 
 
+def require_same_node_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume a run with node-only settings (width, height, reward_decode) other than its own.
+
+    Raises:
+        ValueError: "<setting>: ..." naming the first setting that differs, with the run's value.
+    """
+    path = run_dir / "comfyui.json"
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"resume: {path} is missing or unreadable ({error}); start a new run (resume off)") from None
+    for name, value in settings.items():
+        if name in recorded and recorded[name] != value:
+            raise ValueError(f"{name}: the run {run_dir.name} was trained with {name} {recorded[name]!r}, not "
+                             f"{value!r}; resume with {recorded[name]!r}, or turn resume off to start a new run")
+
+
 class SFGRPOTrainLoRA(io.ComfyNode):
     """Fine-tune a LoRA with Stepwise-Flow-GRPO; outputs the model with the LoRA applied, ready for KSampler."""
 
@@ -209,11 +226,15 @@ class SFGRPOTrainLoRA(io.ComfyNode):
         config = build_config(settings, reward=reward, prompts=prompts, eval_prompts=eval_prompts, run_dir=run_dir,
                               device=str(flow.device), shift=shift)
         lora_name = f"{RUNS_FOLDER}/{run_dir.name}.safetensors"
-        # What the run's config.json cannot hold: the node-only settings, for whoever resumes or reproduces it.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "comfyui.json", json.dumps({
-            "width": width, "height": height, "reward_decode": reward_decode, "resumed": resume,
-            "lora_name": lora_name}, indent=2) + "\n")
+        # What the run's config.json cannot hold: the node-only settings, for whoever resumes or reproduces it. A
+        # resume must match them (checked before anything is written); the file keeps the run's first record.
+        node_settings = {"width": width, "height": height, "reward_decode": reward_decode}
+        if resume:
+            require_same_node_settings(run_dir, node_settings)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "comfyui.json",
+                              json.dumps({**node_settings, "lora_name": lora_name}, indent=2) + "\n")
         checkpoint = latest_checkpoint(run_dir) if resume else None
         start = checkpoint_iteration(checkpoint) if checkpoint is not None else 0
         progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start,

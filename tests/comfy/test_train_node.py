@@ -165,12 +165,20 @@ def test_lora_file_loads_in_the_stock_loader_with_every_key(engine, trained, sou
 
 
 def test_resume_continues_the_newest_run_and_a_new_run_gets_the_next_number(engine, trained):
+    record = engine.root / "output" / "sfgrpo" / "test_run_00001" / "comfyui.json"
+    before = record.read_bytes()
+    smaller = train_graph(resume=True, iterations=3)
+    smaller["train"]["inputs"]["width"] = 32
+    assert _execution_error(engine, smaller).startswith("width: the run test_run_00001 was trained with width 64, "
+                                                        "not 32; resume with 64")
+    assert record.read_bytes() == before  # the run's record of its own settings is kept
     errors = run(engine, train_graph(resume=True, iterations=3))
     assert not errors, errors[0]["exception_message"]
     run_dir = engine.root / "output" / "sfgrpo" / "test_run_00001"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss" in r] == [0, 1, 2]
     assert CAPTURED["train"]["text"] == "sfgrpo/test_run_00001.safetensors"
+    assert record.read_bytes() == before
     errors = run(engine, train_graph(iterations=1))
     assert not errors, errors[0]["exception_message"]
     assert CAPTURED["train"]["text"] == "sfgrpo/test_run_00002.safetensors"
