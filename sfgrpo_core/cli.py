@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML or JSON config file (sections: " + ", ".join(SECTIONS) + ")")
     train.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest "
                                                              "checkpoint")
+    train.add_argument("--processes", type=int, default=1,
+                       help="train with this many processes on this machine (one per GPU; gloo on CPU): shorthand "
+                            "for accelerate launch --multi_gpu --num_processes N -m sfgrpo_core.cli train ...")
     _add_config_flags(train)
     diagnose = commands.add_parser("diagnose", help="check on-policy ratio, log-prob parity and the ODE sampler")
     diagnose.add_argument("config", nargs="?", help="YAML or JSON config file")
@@ -92,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.processes != 1:
+        return _launch(args.processes, list(sys.argv[1:] if argv is None else argv))
     if args.command == "miniworld":
         return _miniworld(args)
     if args.command in ("rewards", "reward-server"):
@@ -135,22 +142,54 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(check.line())
             return 0 if all(check.passed for check in checks) else 1
         from .rewards import RewardError, RewardInputError
+        from .training.distributed import TeamError
         from .training.trainer import NonFiniteError, train
 
         try:
             result = train(config, resume=args.resume, progress=True)
-        except (RewardError, RewardInputError, NonFiniteError) as error:
+        except (RewardError, RewardInputError, NonFiniteError, TeamError) as error:
             print(f"sfgrpo: {error}", file=sys.stderr)
             return 1
     except ConfigError as error:
         print(f"sfgrpo: config error: {error}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # several processes: the main one reports
+        return 0
     evaluations = [r["eval_reward_mean"] for r in result.records if r.get("eval_reward_mean") is not None]
     if len(evaluations) >= 2:
         print(f"held-out reward {evaluations[0]:.4f} -> {evaluations[-1]:.4f}")
     print(f"LoRA: {result.lora_path}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
           f"reward curve: {result.run_dir / 'reward_curve.png'}")
     return 0
+
+
+def _launch(processes: int, argv: list[str]) -> int:
+    """``sfgrpo train --processes N ...``: the same command under accelerate's launcher (torchrun underneath)."""
+    if processes < 1:
+        print(f"sfgrpo train: --processes: must be >= 1, got {processes}", file=sys.stderr)
+        return 2
+    if "WORLD_SIZE" in os.environ:
+        print("sfgrpo train: --processes inside a launched process; drop it (the launcher already started "
+              f"{os.environ['WORLD_SIZE']})", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for arg in argv:  # drop --processes N / --processes=N
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sfgrpo_core.cli",
+               *rest]
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        print("sfgrpo train: --processes needs accelerate: pip install 'stepwise-flow-grpo[distributed]'",
+              file=sys.stderr)
+        return 2
+    return subprocess.run(command, check=False).returncode
 
 
 def _rewards(args: argparse.Namespace) -> int:

@@ -150,6 +150,10 @@ class TrainConfig:
                                         "groups. Results do not depend on it (each member has its own noise).",
                                     minimum=1)
     reward_batch_size: int = option(64, "Images per decode and per reward call.", minimum=1)
+    distributed_timeout: float = option(600.0, "Seconds a process waits in a collective (gather, gradient sum) "
+                                               "when several processes train (accelerate launch) before it gives up "
+                                               "with an error: a process that died never leaves the others hanging.",
+                                        minimum=1.0)
 
 
 SECTIONS: dict[str, type[DataclassInstance]] = {
@@ -163,7 +167,8 @@ SECTIONS: dict[str, type[DataclassInstance]] = {
 
 # Fields a resumed run may change: they extend or re-schedule the run without changing what was learned so far.
 RESUMABLE_CHANGES = frozenset({"train.iterations", "train.checkpoint_every", "train.keep_checkpoints",
-                               "train.eval_every", "model.device", "train.output_dir"})
+                               "train.eval_every", "model.device", "train.output_dir",
+                               "train.distributed_timeout"})
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from .. import rewards
 from ..algorithm import advantages
 from ..config import CreditConfig
 from ..models.base import VelocityModel
+from .distributed import SINGLE, Team
 from .rollout import Rollout
 from .step_rewards import BatchSizes, images_scored, score_in_batches, step_rewards
 
@@ -32,12 +33,19 @@ class Credit:
         gains: [N, T] stepwise gains, or None for flow_grpo.
         reward_calls: number of images scored.
         components: for a reward made of several, each component's rewards, shaped like ``rewards``.
+        group_ids: [N] the group of each trajectory.
+        rows: this process's trajectories among the N (all of them for one process).
+
+    With several processes every tensor covers the whole batch (gathered from all of them) and ``reward_calls``
+    counts every process's images: each process holds the same Credit.
     """
 
     rewards: torch.Tensor
     advantages: torch.Tensor
     gains: torch.Tensor | None
     reward_calls: int
+    group_ids: torch.Tensor
+    rows: slice
     components: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -50,37 +58,49 @@ class Credit:
 
 
 def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
-                    batch_sizes: BatchSizes) -> Credit:
+                    batch_sizes: BatchSizes, team: Team = SINGLE) -> Credit:
     """Stepwise-Flow-GRPO: gains of T'-step completions, jointly (or per-step, for ablations) normalized."""
-    scores = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes)
+    scores = _gather(team, step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes))
+    group_ids, active = team.gather_rows(rollout.batch.group_ids), team.gather_rows(rollout.active)
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages
 
     def advantages_of(rewards_per_step: torch.Tensor) -> torch.Tensor:
-        return normalize(advantages.stepwise_gains(rewards_per_step), rollout.batch.group_ids,
-                         std_scope=_std_scope(config), eps=config.std_eps, clip=config.advantage_clip,
-                         mask=rollout.active)
+        return normalize(advantages.stepwise_gains(rewards_per_step), group_ids, std_scope=_std_scope(config),
+                         eps=config.std_eps, clip=config.advantage_clip, mask=active)
 
     return Credit(rewards=scores.values, advantages=_mixed(advantages_of, scores, reward),
-                  gains=advantages.stepwise_gains(scores.values), reward_calls=images_scored(rollout),
-                  components=scores.components)
+                  gains=advantages.stepwise_gains(scores.values), reward_calls=_total(team, images_scored(rollout)),
+                  group_ids=group_ids, rows=team.rows(len(group_ids)), components=scores.components)
 
 
 @torch.no_grad()
 def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
-                     batch_sizes: BatchSizes) -> Credit:
+                     batch_sizes: BatchSizes, team: Team = SINGLE) -> Credit:
     """Flow-GRPO: the final reward's group-relative advantage, the same for every step of a trajectory."""
-    final = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_sizes.rewards)
+    local = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_sizes.rewards)
+    final = _gather(team, local)
+    group_ids = team.gather_rows(rollout.batch.group_ids)
     steps = rollout.log_probs.shape[1]
 
     def advantages_of(final_rewards: torch.Tensor) -> torch.Tensor:
-        per_trajectory = advantages.flow_grpo_advantages(final_rewards[:, 0], rollout.batch.group_ids,
-                                                         std_scope=_std_scope(config), eps=config.std_eps,
-                                                         clip=config.advantage_clip)
+        per_trajectory = advantages.flow_grpo_advantages(final_rewards[:, 0], group_ids, std_scope=_std_scope(config),
+                                                         eps=config.std_eps, clip=config.advantage_clip)
         return per_trajectory[:, None].expand(-1, steps).clone()
 
     as_columns = rewards.Scores(final.values[:, None], {name: v[:, None] for name, v in final.components.items()})
     return Credit(rewards=as_columns.values, advantages=_mixed(advantages_of, as_columns, reward), gains=None,
-                  reward_calls=len(final.values), components=as_columns.components)
+                  reward_calls=_total(team, len(local.values)), group_ids=group_ids, rows=team.rows(len(group_ids)),
+                  components=as_columns.components)
+
+
+def _gather(team: Team, scores: rewards.Scores) -> rewards.Scores:
+    """Every process's rows of ``scores`` (and of each component), in rank order."""
+    return rewards.Scores(team.gather_rows(scores.values),
+                          {name: team.gather_rows(values) for name, values in sorted(scores.components.items())})
+
+
+def _total(team: Team, count: int) -> int:
+    return int(team.sum(torch.tensor([float(count)])).item())
 
 
 def _mixed(advantages_of: Callable[[torch.Tensor], torch.Tensor], scores: rewards.Scores,
@@ -98,5 +118,5 @@ def _std_scope(config: CreditConfig) -> advantages.StdScope:
     return cast(advantages.StdScope, config.std_scope)
 
 
-CreditMethod = Callable[[VelocityModel, Rollout, rewards.Reward, CreditConfig, BatchSizes], Credit]
+CreditMethod = Callable[[VelocityModel, Rollout, rewards.Reward, CreditConfig, BatchSizes, Team], Credit]
 CREDIT_METHODS: dict[str, CreditMethod] = {"stepwise": stepwise_credit, "flow_grpo": flow_grpo_credit}

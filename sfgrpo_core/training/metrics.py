@@ -18,8 +18,8 @@ class MetricsLog:
     """Append-only JSONL metrics of a run. Resuming at iteration i drops the records of iterations >= i, so a
     resumed run's log equals an uninterrupted one's."""
 
-    def __init__(self, path: str | Path, resume_iteration: int = 0):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, resume_iteration: int = 0, write: bool = True):
+        self.path, self.write = Path(path), write
         self.records: list[dict[str, Any]] = []
         if resume_iteration > 0 and self.path.is_file():
             for line in self.path.read_text().splitlines():
@@ -27,10 +27,13 @@ class MetricsLog:
                     record = json.loads(line)
                     if record.get("iteration", -1) < resume_iteration:
                         self.records.append(record)
-        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in self.records))
+        if write:  # several processes: only the main one writes
+            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(json_safe(record)) + "\n")
 

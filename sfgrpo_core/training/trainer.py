@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from ..lora.adapters import attach_lora, load_lora_state_dict, lora_state_dict, 
 from ..models.base import VelocityModel
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .credit import CREDIT_METHODS, Credit
+from .distributed import SINGLE, Team, join
 from .figures import reward_curve_figure, save_png
 from .metrics import CallCounter, MetricsLog
 from .rollout import Rollout, StepCallback, choose_prompts, independent_noise, make_prompt_batch, rollout
@@ -57,6 +59,7 @@ class Session:
     prompts: tuple[str, ...] = ()
     eval_prompts: tuple[str, ...] = ()
     sigmas: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    team: Team = SINGLE
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,10 @@ def prepare(config: Config, *, model: VelocityModel | None = None, reward: rewar
             existing run.
     """
     run_dir = Path(config.train.output_dir)
+    team = join(config.model.device, config.train.distributed_timeout)
+    if config.train.groups_per_iteration % team.size:
+        raise ConfigError(f"train.groups_per_iteration: {config.train.groups_per_iteration} groups cannot be split "
+                          f"evenly over {team.size} processes; use a multiple of {team.size}")
     checkpoint_path = latest_checkpoint(run_dir)
     if resume and checkpoint_path is None:
         raise ConfigError(f"train.output_dir: {str(run_dir)!r} holds no checkpoint to resume from; drop --resume "
@@ -144,11 +151,16 @@ def prepare(config: Config, *, model: VelocityModel | None = None, reward: rewar
     if not resume and checkpoint_path is not None:
         raise ConfigError(f"train.output_dir: {str(run_dir)!r} already holds a run; pass --resume to continue it "
                           "or choose another output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    team.barrier()  # every process has looked at the run folder before the main one writes into it
+    if team.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    team.barrier()
     session = build_session(config, model=model, reward=reward)
+    session.team = team
     if resume and checkpoint_path is not None:
         restore(session, load_checkpoint(checkpoint_path))
-    atomic_write_text(run_dir / "config.json", _json(config.to_dict()))
+    if team.is_main:
+        atomic_write_text(run_dir / "config.json", _json(config.to_dict()))
     return session
 
 
@@ -162,7 +174,8 @@ def collect(session: Session, iteration: int, hooks: TrainHooks | None = None) -
                                   config.train.seed, iteration)
     batch = make_prompt_batch(session.model, group_prompts, config.train.group_size, config.train.seed, iteration,
                               device=config.model.device, initial_noise=noise)
-    return rollout(session.model, batch, session.sigmas, step_function_for(config),
+    rows = session.team.rows(len(batch.prompts))  # the whole batch is drawn alike everywhere; each process its rows
+    return rollout(session.model, batch.rows(rows.start, rows.stop), session.sigmas, step_function_for(config),
                    train_last_step=config.sampler.train_last_step, min_train_std=config.sampler.min_train_std,
                    callback=hooks.on_rollout_step if hooks else None, chunk_size=config.train.sample_batch_size)
 
@@ -178,14 +191,15 @@ def assign_credit(session: Session, recorded: Rollout) -> Credit:
     method = CREDIT_METHODS[session.config.credit.method]
     config = session.config
     return method(session.model, recorded, session.reward, config.credit,
-                  BatchSizes(samples=config.train.sample_batch_size, rewards=config.train.reward_batch_size))
+                  BatchSizes(samples=config.train.sample_batch_size, rewards=config.train.reward_batch_size),
+                  session.team)
 
 
 def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: int) -> UpdateStats:
     """Update phase: the clipped GRPO loss over active transitions."""
     generator = seeding.generator(session.config.train.seed, iteration, "shuffle")
     return update_policy(session.model, session.optimizer, recorded, assigned.advantages.to(recorded.states.device),
-                         session.config.optim, step_function_for(session.config), generator)
+                         session.config.optim, step_function_for(session.config), generator, session.team)
 
 
 @dataclass(frozen=True)
@@ -213,10 +227,16 @@ def evaluate(session: Session) -> Evaluation:
     noise = torch.randn((count, *session.model.sample_shape), generator=seeding.generator(config.train.seed, "eval"))
     batch = make_prompt_batch(session.model, session.eval_prompts, config.train.eval_samples, config.train.seed,
                               -1, device=config.model.device, initial_noise=noise)
-    samples = rollout(session.model, batch, sigmas, get_step_function("ode", 0.0),
+    team = session.team
+    rows = team.rows(count) if count % team.size == 0 else slice(0, count)  # else every process scores them all
+    mine = batch.rows(rows.start, rows.stop)
+    samples = rollout(session.model, mine, sigmas, get_step_function("ode", 0.0),
                       chunk_size=config.train.sample_batch_size).final
-    scores = score_in_batches(session.model, session.reward, samples, list(batch.prompts),
+    scores = score_in_batches(session.model, session.reward, samples, list(mine.prompts),
                               config.train.reward_batch_size)
+    if rows.stop - rows.start < count:
+        scores = rewards.Scores(team.gather_rows(scores.values),
+                                {name: team.gather_rows(values) for name, values in sorted(scores.components.items())})
     return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components)
 
 
@@ -224,12 +244,13 @@ class NonFiniteError(RuntimeError):
     """Training produced NaN or inf (latents, loss or LoRA weights): the run stops before anything is saved."""
 
 
-def require_finite(iteration: int, recorded: Rollout, stats: UpdateStats, model: VelocityModel) -> None:
+def require_finite(iteration: int, recorded: Rollout, stats: UpdateStats, model: VelocityModel,
+                   team: Team = SINGLE) -> None:
     """Stop the run (NonFiniteError) when the rollout's latents, the loss or the LoRA weights are not finite, so a
     diverged run never writes a checkpoint or a LoRA and never reports success; the last checkpoint stays."""
     advice = ("the last good checkpoint is kept; lower optim.lr, keep optim.grad_clip on, or run the model in "
               "float32, then resume")
-    if not bool(torch.isfinite(recorded.states).all()):
+    if not team.all_true(bool(torch.isfinite(recorded.states).all())):  # every process stops, not only one
         raise NonFiniteError(f"iteration {iteration}: the rollout produced non-finite latents (NaN/inf); {advice}")
     if not math.isfinite(stats.loss):
         raise NonFiniteError(f"iteration {iteration}: the loss is {stats.loss}; {advice}")
@@ -250,16 +271,16 @@ def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assig
                                   f"(or its server) and resume.")
     record: dict[str, Any] = {
         "iteration": iteration,
-        "samples_seen": (iteration + 1) * len(recorded.batch.prompts),
+        "samples_seen": (iteration + 1) * len(final),
         "reward_mean": _nanmean(final),
         "reward_std": float(finite_final.std(correction=0)) if finite_final.numel() > 1 else 0.0,
         "reward_missing": int(torch.isnan(assigned.rewards).sum()),
         "reward_calls": assigned.reward_calls,
-        "zero_std_ratio": zero_variance_fraction(final, recorded.batch.group_ids),
+        "zero_std_ratio": zero_variance_fraction(final, assigned.group_ids),
         "active_transitions": stats.transitions,
         "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clip_fraction": stats.clip_fraction,
         "approx_kl": stats.approx_kl, "kl_penalty": stats.kl_penalty, "grad_norm": stats.grad_norm,
-        "lr": session.optimizer.param_groups[0]["lr"],
+        "lr": session.optimizer.param_groups[0]["lr"], "world_size": session.team.size,
     }
     if assigned.components:
         record["reward_components"] = {name: _nanmean(values) for name, values in assigned.final_components.items()}
@@ -277,12 +298,15 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
     """Run (or resume) training as configured; returns the run folder, the LoRA file, the metrics and the model."""
     hooks = hooks or TrainHooks()
     session = prepare(config, model=model, reward=reward, resume=resume)
+    team, main = session.team, session.team.is_main
     counter = CallCounter(session.model)
     session.model = counter
-    log = MetricsLog(session.run_dir / "metrics.jsonl", resume_iteration=session.start_iteration)
+    log = MetricsLog(session.run_dir / "metrics.jsonl", resume_iteration=session.start_iteration, write=main)
     elapsed = log.records[-1].get("seconds_elapsed", 0.0) if log.records else 0.0
     iterations = range(session.start_iteration, config.train.iterations)
-    bar = _progress_bar(iterations, progress)
+    if progress and main:
+        print(batch_arithmetic(config, team.size), file=sys.stderr, flush=True)
+    bar = _progress_bar(iterations, progress and main)
     for iteration in bar:
         timer = PhaseTimer()
         with timer("eval"):
@@ -294,34 +318,51 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
             assigned = assign_credit(session, recorded)
         with timer("update"):
             stats = improve(session, recorded, assigned, iteration)
-        require_finite(iteration, recorded, stats, session.model)
+        require_finite(iteration, recorded, stats, session.model, session.team)
         elapsed += sum(timer.seconds.values()) - timer.seconds["eval"]
         record = iteration_metrics(iteration, session, recorded, assigned, stats, timer.seconds)
-        record.update(counter.take(), seconds_elapsed=elapsed)
+        record.update({name: int(team.sum(torch.tensor([float(count)])).item())
+                       for name, count in counter.take().items()}, seconds_elapsed=elapsed)
         if evaluation is not None:
             record["eval_reward_mean"] = evaluation.mean
             if evaluation.components:
                 record["eval_reward_components"] = {name: _nanmean(values)
                                                     for name, values in evaluation.components.items()}
         log.log(record)
-        if hooks.on_iteration:
+        if hooks.on_iteration and main:
             hooks.on_iteration(record)
-        if progress:
+        if progress and main:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{stats.approx_kl:.2e}")
         done = iteration + 1
         if done % config.train.checkpoint_every == 0 or done == config.train.iterations:
-            save_checkpoint(session.run_dir, done, config, lora_state_dict(session.model.module), session.optimizer,
-                            keep=config.train.keep_checkpoints)
+            if main:  # every process holds the same weights and optimizer state
+                save_checkpoint(session.run_dir, done, config, lora_state_dict(session.model.module),
+                                session.optimizer, keep=config.train.keep_checkpoints)
+            team.barrier()
     if config.train.eval_every and session.start_iteration < config.train.iterations:
-        log.log({"iteration": config.train.iterations, "eval_reward_mean": evaluate(session).mean,
-                 "seconds_elapsed": elapsed})
-    lora_path = save_lora(session.run_dir / "lora.safetensors", session.model.module, rank=config.lora.rank,
-                          alpha=config.lora.alpha, target_modules=session.lora_targets)
-    _export_lora(session.model, lora_path)
+        final_evaluation = evaluate(session)  # a collective: every process takes part
+        log.log({"iteration": config.train.iterations, "eval_reward_mean": final_evaluation.mean,
+                 "seconds_elapsed": elapsed, "world_size": team.size})
+    lora_path = session.run_dir / "lora.safetensors"
     curve = reward_curve_figure(log.records, title=f"credit: {config.credit.method}, sde: {config.sampler.sde}")
-    save_png(curve, session.run_dir / "reward_curve.png")
+    if main:
+        save_lora(lora_path, session.model.module, rank=config.lora.rank, alpha=config.lora.alpha,
+                  target_modules=session.lora_targets)
+        _export_lora(session.model, lora_path)
+        save_png(curve, session.run_dir / "reward_curve.png")
+    team.barrier()
     return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=counter.model,
                        reward_curve=curve)
+
+
+def batch_arithmetic(config: Config, processes: int) -> str:
+    """The batch of one iteration spelled out (printed when a run starts)."""
+    groups, size = config.train.groups_per_iteration, config.train.group_size
+    line = f"sfgrpo: {groups} prompt groups x {size} members = {groups * size} trajectories per iteration"
+    if processes > 1:
+        line += (f", over {processes} processes ({groups // processes} groups = {groups // processes * size} "
+                 f"trajectories each)")
+    return line
 
 
 def _export_lora(model: VelocityModel, lora_path: Path) -> None:

@@ -12,6 +12,7 @@ from ..config import OptimConfig
 from ..lora.adapters import adapter_disabled
 from ..models.base import VelocityModel
 from ..models.condition import select
+from .distributed import SINGLE, Team
 from .rollout import Rollout
 
 
@@ -43,11 +44,11 @@ def recompute_steps(model: VelocityModel, rollout: Rollout, members: torch.Tenso
     return step_fn(x, velocity, sigma, sigma_next, prev_sample=x_next)
 
 
-def trainable_transitions(rollout: Rollout, advantages: torch.Tensor, *,
+def trainable_transitions(active: torch.Tensor, advantages: torch.Tensor, *,
                           skip_zero_advantage: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(members, steps) of the transitions that train: active, with a finite advantage (and a nonzero one when
-    ``skip_zero_advantage``, as flow_grpo drops the samples of zero-variance groups)."""
-    keep = rollout.active & torch.isfinite(advantages)
+    """(members, steps) of the transitions that train: ``active`` [N, T], with a finite advantage (and a nonzero one
+    when ``skip_zero_advantage``, as flow_grpo drops the samples of zero-variance groups)."""
+    keep = active & torch.isfinite(advantages)
     if skip_zero_advantage:
         keep &= advantages != 0
     members, steps = torch.nonzero(keep, as_tuple=True)
@@ -56,30 +57,39 @@ def trainable_transitions(rollout: Rollout, advantages: torch.Tensor, *,
 
 def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollout: Rollout,
                   advantages: torch.Tensor, config: OptimConfig, step_fn: StepFunction,
-                  generator: torch.Generator) -> UpdateStats:
+                  generator: torch.Generator, team: Team = SINGLE) -> UpdateStats:
     """One pass over the iteration's transitions in ``config.minibatches`` shuffled minibatches, one optimizer step
     each, gradients accumulated over micro-batches of ``config.micro_batch_size``.
 
+    With several processes (``team``) the minibatches are those of the whole batch, shuffled alike on every
+    process; each process back-propagates the transitions of its own rows and the gradients are summed across
+    processes before clipping, so the step equals one process's on the whole batch.
+
     Args:
-        advantages: [N, T] constants (NaN = missing/masked).
+        rollout: this process's trajectories (rows ``team.rows(N)`` of the batch).
+        advantages: [N, T] constants of the whole batch (NaN = missing/masked).
         generator: seeds the shuffle (derived from (seed, iteration), so resumed runs shuffle identically).
     """
-    members, steps = trainable_transitions(rollout, advantages, skip_zero_advantage=config.skip_zero_advantage)
-    total = len(members)
+    active = team.gather_rows(rollout.active)
+    members, steps = trainable_transitions(active, advantages, skip_zero_advantage=config.skip_zero_advantage)
+    total, rows = len(members), team.rows(len(active))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if total == 0:
         return UpdateStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
     order = torch.randperm(total, generator=generator)
-    sums = dict(loss=0.0, ratio_mean=0.0, clip_fraction=0.0, approx_kl=0.0, kl_penalty=0.0)
+    names = ("loss", "ratio_mean", "clip_fraction", "approx_kl", "kl_penalty")
+    sums = dict.fromkeys(names, 0.0)
     grad_norms = []
     for minibatch in torch.tensor_split(order, min(config.minibatches, total)):
         optimizer.zero_grad(set_to_none=True)
-        micro_size = config.micro_batch_size or len(minibatch)
-        for micro in torch.split(minibatch, micro_size):
-            m, k = members[micro], steps[micro]
+        mine = minibatch[(members[minibatch] >= rows.start) & (members[minibatch] < rows.stop)]
+        micro_size = config.micro_batch_size or max(len(mine), 1)
+        for micro in torch.split(mine, micro_size):
+            m, k = members[micro] - rows.start, steps[micro]  # rows of this process's rollout
             step = recompute_steps(model, rollout, m, k, step_fn)
             result = losses.grpo_loss(step.log_prob, rollout.log_probs[m, k].to(step.log_prob.device),
-                                      advantages[m, k].to(step.log_prob.device), clip_range=config.clip_range)
+                                      advantages[members[micro], k].to(step.log_prob.device),
+                                      clip_range=config.clip_range)
             loss = result.loss
             kl_value = 0.0
             if config.kl_beta > 0:
@@ -90,17 +100,19 @@ def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollou
                 kl = losses.kl_penalty(step.mean, reference.mean, step.std, step_size=step_size).mean()
                 loss = loss + config.kl_beta * kl
                 kl_value = float(kl.detach())
-            (loss * len(micro) / len(minibatch)).backward()
+            (loss * len(micro) / len(minibatch)).backward()  # the whole minibatch's mean, over every process
             weight = len(micro)
             sums["loss"] += float(loss.detach()) * weight
             sums["ratio_mean"] += result.ratio_mean * weight
             sums["clip_fraction"] += result.clip_fraction * weight
             sums["approx_kl"] += result.approx_kl * weight
             sums["kl_penalty"] += kl_value * weight
+        team.sum_gradients(parameters)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    means = {name: value / total for name, value in sums.items()}
+    totals = team.sum(torch.tensor([sums[name] for name in names], dtype=torch.float64)).tolist()
+    means = {name: value / total for name, value in zip(names, totals, strict=True)}
     return UpdateStats(**means, grad_norm=sum(grad_norms) / len(grad_norms), transitions=total,
                        optimizer_steps=len(grad_norms))

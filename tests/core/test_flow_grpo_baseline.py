@@ -71,8 +71,8 @@ def test_zero_advantage_transitions_can_be_left_out_of_the_loss(toy_config):
     _, recorded = _rollout(toy_config)
     advantages = torch.randn(recorded.log_probs.shape, generator=torch.Generator().manual_seed(1))
     advantages[recorded.batch.group_ids == 1] = 0.0  # a zero-variance group
-    kept = trainable_transitions(recorded, advantages)
-    dropped = trainable_transitions(recorded, advantages, skip_zero_advantage=True)
+    kept = trainable_transitions(recorded.active, advantages)
+    dropped = trainable_transitions(recorded.active, advantages, skip_zero_advantage=True)
     zero_rows = int((recorded.active & (advantages == 0)).sum())
     assert zero_rows > 0 and len(dropped[0]) == len(kept[0]) - zero_rows
     assert (advantages[dropped] != 0).all()

@@ -1,0 +1,96 @@
+"""Several processes (gloo on CPU) train the LoRA of one process with the same total batch and seed; a process that
+dies makes the others stop with a clear error instead of hanging."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from sfgrpo_core.training.checkpoint import checkpoint_iteration, latest_checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _train_args(toy_base_path, run: pathlib.Path, *extra: str) -> list[str]:
+    return ["train", "configs/toy.yaml", "--model.path", str(toy_base_path), "--train.output_dir", str(run),
+            "--train.groups_per_iteration", "4", "--train.eval_every", "2", "--train.checkpoint_every", "1", *extra]
+
+
+def _records(run: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_the_lora_of_one_with_the_same_total_batch(toy_base_path, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", *_train_args(toy_base_path, one,
+                                                                                   "--train.iterations", "3")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", *_train_args(toy_base_path, two,
+                                                                                   "--train.iterations", "3"),
+                             "--processes", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "4 prompt groups x 8 members = 32 trajectories per iteration, over 2 processes (2 groups" in double.stderr
+    assert double.stdout.count("LoRA:") == 1  # the main process reports, the other stays quiet
+
+    expected, got = load_file(one / "lora.safetensors"), load_file(two / "lora.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        relative = float((expected[key] - got[key]).norm() / expected[key].norm().clamp_min(1e-12))
+        assert relative <= 1e-4, (key, relative)
+    single_records, double_records = _records(one), _records(two)
+    assert all(record["world_size"] == 1 for record in single_records)
+    assert all(record["world_size"] == 2 for record in double_records)
+    for a, b in zip(single_records, double_records, strict=True):  # same batch: same rewards and evaluations
+        for key in ("reward_mean", "eval_reward_mean", "samples_seen", "active_transitions", "reward_calls"):
+            assert (a.get(key) is None) == (b.get(key) is None), key
+            if a.get(key) is not None:
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_an_uneven_split_is_refused_naming_the_field(toy_base_path, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli",
+                             *_train_args(toy_base_path, tmp_path / "run", "--train.groups_per_iteration", "3"),
+                             "--processes", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "train.groups_per_iteration: 3 groups cannot be split evenly over 2 processes" in result.stderr
+
+
+def test_a_killed_process_makes_the_other_stop_with_a_clear_error(toy_base_path, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "sfgrpo_core.cli",
+            *_train_args(toy_base_path, run, "--train.iterations", "100000", "--train.distributed_timeout", "60")]
+    processes = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env={**ENV, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for rank in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "iter_000002").is_dir():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "training did not start"
+            time.sleep(0.05)
+        processes[1].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        _, stderr = processes[0].communicate(timeout=120)  # well within the 60 s collective timeout, not a hang
+        assert processes[0].returncode == 1, stderr[-2000:]
+        assert time.monotonic() - start < 90
+        assert "process 0 of 2:" in stderr and "another process stopped" in stderr, stderr[-2000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    last = latest_checkpoint(run)  # the last good checkpoint stays, complete
+    assert last is not None and checkpoint_iteration(last) >= 2
+    assert torch.isfinite(torch.cat([t.flatten() for t in load_file(last / "lora.safetensors").values()])).all()
