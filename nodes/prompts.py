@@ -163,14 +163,16 @@ class SFGRPOMiniWorldPromptList(io.ComfyNode):
 
 
 def register_mini_world_folders() -> None:
-    """List the committed mini world's transformer and VAE in UNETLoader / VAELoader (once; no-op outside ComfyUI)."""
+    """List the committed mini world's transformer in UNETLoader and its VAE in VAELoader, each only there (once;
+    no-op outside ComfyUI). The text encoder is loaded by SFGRPOMiniWorldTextEncoder, not by a stock loader."""
     try:
         import folder_paths
     except ImportError:
         return
     for folder in ("diffusion_models", "vae"):
-        if str(WEIGHTS_DIR) not in folder_paths.get_folder_paths(folder):
-            folder_paths.add_model_folder_path(folder, str(WEIGHTS_DIR))
+        path = str(WEIGHTS_DIR / folder)
+        if path not in folder_paths.get_folder_paths(folder):
+            folder_paths.add_model_folder_path(folder, path)
 
 
 register_mini_world_folders()

@@ -20,9 +20,10 @@ from . import autoencoder, denoiser
 from .geneval import MiniGenEval, category_means
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-TRANSFORMER_FILE = "mini_sd3_transformer.safetensors"
+# Each file in the folder of the ComfyUI loader that reads it (UNETLoader: diffusion_models, VAELoader: vae).
+TRANSFORMER_FILE = "diffusion_models/mini_sd3_transformer.safetensors"
 TEXT_ENCODER_FILE = "mini_text_encoder.safetensors"
-TAESD_FILE = "mini_taesd.safetensors"
+TAESD_FILE = "vae/mini_taesd.safetensors"
 VAE_DIFFUSERS_DIR = "vae_diffusers"
 MANIFEST = "manifest.json"
 

@@ -227,3 +227,18 @@ def test_every_node_has_a_help_page_the_server_serves(comfy_server):
             assert page.read().decode().startswith("# ")
         inputs = {**object_info[node_id]["input"]["required"], **object_info[node_id]["input"].get("optional", {})}
         assert all(len(spec) > 1 and spec[1].get("tooltip") for spec in inputs.values()), node_id
+
+
+def test_object_info_lists_the_sfgrpo_samplers_and_each_mini_world_file_for_its_own_loader(comfy_server):
+    object_info = _get_json(comfy_server, "/object_info")
+
+    def options(node_id: str, name: str) -> list:
+        spec = object_info[node_id]["input"]["required"][name]
+        return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+    for node_id in ("KSampler", "KSamplerSelect"):
+        assert {"sfgrpo_ddim_sde", "sfgrpo_flow_sde", "sfgrpo_cps_sde"} <= set(options(node_id, "sampler_name"))
+    unets, vaes = options("UNETLoader", "unet_name"), options("VAELoader", "vae_name")
+    assert "mini_sd3_transformer.safetensors" in unets and "mini_sd3_transformer.safetensors" not in vaes
+    assert "mini_taesd.safetensors" in vaes and "mini_taesd.safetensors" not in unets
+    assert not [name for name in unets + vaes if "text_encoder" in name or name.startswith("vae_diffusers")]
