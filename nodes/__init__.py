@@ -2,10 +2,32 @@
 
 from typing import Any
 
+from comfy_api.latest import ComfyExtension
+
 from . import preview, prompts, rewards, sampler, train
 
 NODES: list[Any] = [*sampler.NODES, *prompts.NODES, *rewards.NODES, *preview.NODES, *train.NODES]
-NODE_CLASS_MAPPINGS = {node.define_schema().node_id: node for node in NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {node.define_schema().node_id: node.define_schema().display_name for node in NODES}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+def register_with_comfyui() -> None:
+    """What the pack adds to ComfyUI besides its nodes (idempotent): the sfgrpo SDE names in the stock KSampler and
+    KSamplerSelect lists, and the mini world's transformer and VAE folders for UNETLoader and VAELoader."""
+    sampler.register_ksampler_names()
+    prompts.register_mini_world_folders()
+
+
+class StepwiseFlowGRPOExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_with_comfyui()
+
+    async def get_node_list(self) -> list[Any]:
+        # ComfyUI 0.3.75 asks for the node list but never calls on_load: register here too (it is idempotent).
+        register_with_comfyui()
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> StepwiseFlowGRPOExtension:
+    return StepwiseFlowGRPOExtension()
+
+
+__all__ = ["NODES", "comfy_entrypoint", "register_with_comfyui"]

@@ -175,6 +175,5 @@ def register_mini_world_folders() -> None:
             folder_paths.add_model_folder_path(folder, path)
 
 
-register_mini_world_folders()
 
 NODES = [SFGRPOPrompts, SFGRPOMiniWorldTextEncoder, SFGRPOMiniWorldPromptList]

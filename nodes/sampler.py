@@ -164,6 +164,5 @@ class SFGRPOSampler(io.ComfyNode):
         return io.NodeOutput(make_sampler(sde, strength))
 
 
-register_ksampler_names()
 
 NODES = [SFGRPOSampler]

@@ -22,8 +22,15 @@ comfy.options.enable_args_parsing()
 importlib.import_module("utils.extra_config")
 import nodes
 asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+import comfy.samplers
+before = "sfgrpo_ddim_sde" in comfy.samplers.SAMPLER_NAMES
 loaded = asyncio.run(nodes.load_custom_node(custom_nodes + "/sfgrpo"))
-print("RESULT " + json.dumps({"loaded": bool(loaded), "nodes": sorted(nodes.NODE_CLASS_MAPPINGS)}))
+pack = next(module for module in list(sys.modules.values())
+            if getattr(module, "__file__", None) == custom_nodes + "/sfgrpo/__init__.py")
+print("RESULT " + json.dumps({"loaded": bool(loaded), "nodes": sorted(nodes.NODE_CLASS_MAPPINGS),
+                              "entrypoint": callable(getattr(pack, "comfy_entrypoint", None)),
+                              "v1_mappings": hasattr(pack, "NODE_CLASS_MAPPINGS"), "samplers_before": before,
+                              "samplers_after": "sfgrpo_ddim_sde" in comfy.samplers.SAMPLER_NAMES}))
 """
 
 
@@ -37,3 +44,6 @@ def test_pack_loads_without_optional_extras(comfyui, tmp_path):
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["loaded"], done.stderr[-3000:]
     assert NODE_IDS <= set(result["nodes"])
+    # ComfyUI's V3 pattern: comfy_entrypoint() -> ComfyExtension; the sampler names are added when it loads.
+    assert result["entrypoint"] and not result["v1_mappings"]
+    assert not result["samplers_before"] and result["samplers_after"]
