@@ -143,9 +143,30 @@ class ComfyFlowModel:
         for rows in self._rows_by_shape(index):
             conds = self._batched_conds([index[row] for row in rows], x)
             selected = torch.tensor(rows, device=x.device)
-            denoised = self.base_model.apply_model(x[selected], sigma[selected], **conds).float()
+            denoised = self._apply_model(x[selected], sigma[selected], conds).float()
             velocity[selected] = (x[selected].float() - denoised) / sigma[selected].view(-1, *[1] * (x.dim() - 1))
         return velocity
+
+    def _apply_model(self, x: torch.Tensor, sigma: torch.Tensor, conds: dict[str, Any]) -> torch.Tensor:
+        """ComfyUI's apply_model as its samplers call it (comfy.samplers._calc_cond_batch): with the patcher's
+        transformer_options (attention patches), its wrappers and callbacks (APPLY_MODEL wrappers) and its
+        model_function_wrapper, so what other nodes set on the MODEL applies to training and evaluation as it
+        does to sampling."""
+        import comfy.patcher_extension
+
+        model_options = self.patcher.model_options
+        options = comfy.patcher_extension.merge_nested_dicts({}, model_options.get("transformer_options", {}))
+        # The patcher's own wrappers and callbacks, as comfy.sampler_helpers.prepare_model_patcher adds them.
+        for kind in ("wrappers", "callbacks"):
+            comfy.patcher_extension.merge_nested_dicts(options.setdefault(kind, {}), getattr(self.patcher, kind, {}),
+                                                       copy_dict1=False)
+        options.update(cond_or_uncond=[0], uuids=[None], sigmas=sigma)  # one chunk: the positive prompt
+        conds = {**conds, "transformer_options": options}
+        wrapper = model_options.get("model_function_wrapper")
+        if wrapper is not None:
+            return wrapper(self.base_model.apply_model, {"input": x, "timestep": sigma, "c": conds,
+                                                          "cond_or_uncond": [0]})
+        return self.base_model.apply_model(x, sigma, **conds)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

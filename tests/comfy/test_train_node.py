@@ -264,6 +264,44 @@ def _inputs(shape):
     return texts, x, torch.tensor([0.9, 0.5, 0.1])
 
 
+def test_model_wrappers_and_transformer_options_other_nodes_set_apply_to_training(engine):
+    """What another node sets on the MODEL (a model_function_wrapper, transformer_options that APPLY_MODEL wrappers
+    and attention patches read) reaches the trainer's velocity, as it reaches ComfyUI's samplers."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        (base,) = comfy_nodes.UNETLoader().load_unet("mini_sd3_transformer.safetensors", "default")
+    seen = []
+
+    def halve(apply_model, args):  # as a "model function wrapper" node does
+        seen.append(args["c"]["transformer_options"].get("test_marker"))
+        return apply_model(args["input"], args["timestep"], **args["c"]) * 0.5
+
+    patched = base.clone()
+    patched.set_model_unet_function_wrapper(halve)
+    patched.model_options.setdefault("transformer_options", {})["test_marker"] = "set by another node"
+    wrapped = []
+
+    def apply_model_wrapper(executor, *args, **kwargs):  # an APPLY_MODEL wrapper, read from transformer_options
+        wrapped.append(True)
+        return executor(*args, **kwargs)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", apply_model_wrapper)
+    texts, x, sigma = _inputs((16, 8, 8))
+    plain_world, patched_world = _comfy_world(engine, base), _comfy_world(engine, patched)
+    with torch.no_grad():
+        plain = plain_world.velocity(x, sigma, plain_world.encode_prompts(texts))
+        comfy.model_management.load_models_gpu([patched], force_full_load=True)
+        through_wrapper = patched_world.velocity(x, sigma, patched_world.encode_prompts(texts))
+    assert seen and set(seen) == {"set by another node"} and wrapped
+    denoised_plain = x - sigma.view(-1, 1, 1, 1) * plain
+    denoised_wrapped = x - sigma.view(-1, 1, 1, 1) * through_wrapper
+    torch.testing.assert_close(denoised_wrapped, 0.5 * denoised_plain, rtol=1e-4, atol=1e-4)
+
+
 def test_comfyui_backend_matches_the_core_mini_world_backend(engine):
     """The trainer's view of a ComfyUI MODEL (ComfyFlowModel) gives the velocities and images of the core's own
     mini world backend for the same weights, prompt, x and sigma."""
