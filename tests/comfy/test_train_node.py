@@ -129,6 +129,36 @@ def test_trained_model_changes_the_image_and_the_input_model_is_left_as_it_was(t
     assert trained["model"] is not trained["base_model"]
 
 
+def test_the_input_model_is_bitwise_unchanged_after_a_run_and_samples_as_before(engine):
+    """The node trains adapters on the MODEL ComfyUI passes in (and cached); after the run that model must be what
+    it was: the same weights bit for bit, no adapter modules, no gradients, the same velocity. So a node that uses
+    the cached MODEL later (a KSampler of the base model) sees no change."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    world = _comfy_world(engine)
+    patcher, module = world.patcher, world.module
+    before = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    module_types = [type(child) for child in module.modules()]
+    texts, x, sigma = _inputs(world.sample_shape)
+    with torch.no_grad():
+        velocity_before = world.velocity(x, sigma, world.encode_prompts(texts))
+    train_node = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"]
+    reward = _package_module(engine, "rewards").load_reward("mini_geneval", "{}")
+    with torch.inference_mode():  # as ComfyUI runs every node
+        train_node.execute(model=patcher, vae=world.vae, prompts=world.prompts, reward=reward,
+                           run_name="unchanged_input", resume=False, width=64, height=64,
+                           **{**SETTINGS, "iterations": 1, "eval_every": 0})
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert [type(child) for child in module.modules()] == module_types
+    assert not any(isinstance(child, BaseTunerLayer) for child in module.modules())
+    assert not any(parameter.requires_grad for parameter in module.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(world.velocity(x, sigma, world.encode_prompts(texts)), velocity_before,
+                                   rtol=0, atol=0)
+
+
 class _LogCounter(logging.Handler):
     def __init__(self):
         super().__init__()
