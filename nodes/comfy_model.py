@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..sfgrpo_core.atomic import atomic_save_safetensors
@@ -250,11 +251,51 @@ def _clone(value: Any) -> Any:
     return value.clone() if torch.is_tensor(value) else value
 
 
+class _OutOfPlaceAdds(torch.overrides.TorchFunctionMode):
+    """``x += y`` as ``x = x + y`` while a block trains: ComfyUI's FLUX blocks add their residuals in place into a
+    tensor their norm saved for the backward pass, which autograd refuses. ``+=`` rebinds the name to what
+    ``__iadd__`` returns, so a new tensor has the same meaning (``t[i] += y`` still writes into ``t``)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") == "add_":  # what `x += y` dispatches
+            return torch.add(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(module: nn.Module) -> Iterator[int]:
+    """Gradient checkpointing of the model's transformer blocks (each element of its top-level ModuleLists), as
+    ComfyUI's own TrainLoraNode does: activations are recomputed in the backward pass instead of kept (the
+    gradients are the same). While a block trains, ``+=`` is out of place (``_OutOfPlaceAdds``), so the in-place
+    residual adds of ComfyUI's FLUX blocks (``x += ...`` after a norm that saved x) train. Yields how many blocks
+    are wrapped; their forwards are restored on exit."""
+    blocks = [block for child in module.children() if isinstance(child, nn.ModuleList) for block in child]
+    for block in blocks:
+        original = block.forward
+
+        def run(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            with _OutOfPlaceAdds():
+                return _original(*args, **kwargs)
+
+        def forward(*args: Any, _original: Any = original, _run: Any = run, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_run, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # type: ignore[method-assign]
+    try:
+        yield len(blocks)
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute: the class's forward is back
+
+
 @contextlib.contextmanager
 def trainable(model: ComfyFlowModel) -> Iterator[ComfyFlowModel]:
     """Training mode for a ComfyUI model: inference mode off, gradients on, ordinary tensors for the frozen
-    weights; the LoRA adapters the trainer injects are removed on exit (also after an error or a Cancel)."""
-    with torch.inference_mode(False), torch.enable_grad():
+    weights, transformer blocks checkpointed; the LoRA adapters the trainer injects are removed on exit (also after
+    an error or a Cancel)."""
+    with torch.inference_mode(False), torch.enable_grad(), checkpointed_blocks(model.module):
         make_parameters_trainable_safe(model.module)
         try:
             yield model
