@@ -344,7 +344,8 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
         log.log({"iteration": config.train.iterations, "eval_reward_mean": final_evaluation.mean,
                  "seconds_elapsed": elapsed, "world_size": team.size})
     lora_path = session.run_dir / "lora.safetensors"
-    curve = reward_curve_figure(log.records, title=f"credit: {config.credit.method}, sde: {config.sampler.sde}")
+    curve = reward_curve_figure(log.records, title=f"{config.train.reward}: credit {config.credit.method}, sde "
+                                                   f"{config.sampler.sde}, seed {config.train.seed}")
     if main:
         save_lora(lora_path, session.model.module, rank=config.lora.rank, alpha=config.lora.alpha,
                   target_modules=session.lora_targets)
