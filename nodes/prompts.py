@@ -163,13 +163,16 @@ class SFGRPOMiniWorldPromptList(io.ComfyNode):
 
 
 def register_mini_world_folders() -> None:
-    """List the committed mini world's transformer in UNETLoader and its VAE in VAELoader, each only there (once;
-    no-op outside ComfyUI). The text encoder is loaded by SFGRPOMiniWorldTextEncoder, not by a stock loader."""
+    """List the committed mini world's transformer in UNETLoader, its VAE in VAELoader and its demo LoRA in the LoRA
+    loaders, each only there (once; no-op outside ComfyUI). The text encoder is loaded by
+    SFGRPOMiniWorldTextEncoder, not by a stock loader. The demo LoRA (mini_world_stepwise_demo.safetensors: 40
+    iterations of configs/miniworld.yaml, seed 0, held-out MiniGenEval 0.383 -> 0.443; see
+    benchmarks/results/comfyui_gap) lets workflows/sample_with_lora run on a fresh install."""
     try:
         import folder_paths
     except ImportError:
         return
-    for folder in ("diffusion_models", "vae"):
+    for folder in ("diffusion_models", "vae", "loras"):
         path = str(WEIGHTS_DIR / folder)
         if path not in folder_paths.get_folder_paths(folder):
             folder_paths.add_model_folder_path(folder, path)

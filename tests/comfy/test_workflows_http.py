@@ -114,6 +114,18 @@ def test_sample_with_lora_loads_every_key_and_changes_the_image(comfy_server, tr
     assert max(np.abs(a - b).max() for a, b in zip(after, base, strict=True)) > 1
 
 
+def test_sample_with_lora_runs_as_shipped_with_the_demo_lora(comfy_server, tmp_path):
+    """On a fresh install (no training run yet) the example loads the pack's demo LoRA, whole, and it changes the
+    image."""
+    log_before = comfy_server.log_path.read_text()
+    shipped = run(comfy_server, "sample_with_lora", tmp_path / "shipped")
+    without = run(comfy_server, "sample_with_lora", tmp_path / "base", "Load LoRA.strength_model=0")
+    assert "lora key not loaded" not in comfy_server.log_path.read_text()[len(log_before):]
+    after = [pixels(path) for path in files_with(shipped, "with_lora")]
+    base = [pixels(path) for path in files_with(without, "with_lora")]
+    assert after and max(np.abs(a - b).max() for a, b in zip(after, base, strict=True)) > 1
+
+
 def _get_json(server, path: str):
     with urllib.request.urlopen(server.url + path, timeout=30) as response:
         return json.loads(response.read())
