@@ -230,6 +230,15 @@ def test_ui_workflows_are_the_api_workflows_for_this_comfyui_and_show_in_the_tem
     assert served == json.loads((ui_folder / "train_lora.json").read_text())
 
 
+def test_every_example_has_a_thumbnail_the_template_browser_gets(comfy_server):
+    """workflows/<name>.jpg (made by python -m sfgrpo_core.headless.thumbnails from the graph's real outputs)."""
+    for api_file in sorted(API_WORKFLOWS.glob("*.json")):
+        url = f"{comfy_server.url}/api/workflow_templates/sfgrpo/{api_file.stem}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            data = answer.read()
+        assert data.startswith(b"\xff\xd8") and len(data) > 2000, api_file.stem  # a real JPEG picture
+
+
 def test_every_node_has_a_help_page_the_server_serves(comfy_server):
     object_info = _get_json(comfy_server, "/object_info")
     ours = sorted(name for name in object_info if name.startswith("SFGRPO"))
