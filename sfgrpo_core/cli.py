@@ -147,9 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             result = train(config, resume=args.resume, progress=True)
-        except (RewardError, RewardInputError, NonFiniteError, TeamError) as error:
+        except TeamError as error:
+            print(f"sfgrpo: {error}", file=sys.stderr, flush=True)
+            # The process group is broken (a peer died): tearing it down at interpreter exit aborts in gloo's C++
+            # threads ("terminate called without an active exception"). Files are written atomically: leave now.
+            os._exit(1)
+        except (RewardError, RewardInputError, NonFiniteError) as error:
             print(f"sfgrpo: {error}", file=sys.stderr)
             return 1
+        finally:
+            _leave_process_group()
     except ConfigError as error:
         print(f"sfgrpo: config error: {error}", file=sys.stderr)
         return 2
@@ -161,6 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"LoRA: {result.lora_path}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
           f"reward curve: {result.run_dir / 'reward_curve.png'}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Close the process group of a multi-process run that ended normally (every process reaches this)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _launch(processes: int, argv: list[str]) -> int:
