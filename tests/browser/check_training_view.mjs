@@ -87,6 +87,8 @@ async function main() {
       const train = nodes.filter((node) => node.type === "SFGRPOTrainLoRA");
       if (train.length !== 1) throw new Error(`${train.length} Train LoRA nodes`);
       set(train[0], { ...training, run_name: runName });
+      // The stock Save LoRA writes under its own prefix too: keep this run's file apart from other tests' runs.
+      for (const node of nodes.filter((node) => node.type === "SaveLoRA")) set(node, { prefix: `loras/${runName}` });
       for (const node of nodes.filter((node) => node.type === "SFGRPOMiniWorldPromptList")) set(node, captions);
       await app.loadGraphData(app.graph.serialize());
       return { nodes: app.graph._nodes.length, types: app.graph._nodes.map((node) => node.type) };
