@@ -52,7 +52,7 @@ def load_reward(name: str, options: str) -> LoadedReward:
             reward = rewards.load(name, **parsed)
         except (TypeError, ValueError) as error:  # unknown keyword (load turns it into ValueError) or a bad value
             raise ValueError(f"options: reward {name!r} rejected {text}: {error}") from None
-        if isinstance(reward, rewards.TorchReward) or hasattr(reward, "torch_modules"):
+        if hasattr(reward, "torch_modules"):  # a TorchReward, or a mix holding some
             reward.to(comfy.model_management.unet_offload_device())
         _LOADED[key] = LoadedReward(name=name, options_json=options_json, reward=reward)
         while len(_LOADED) > LOADED_REWARDS_KEPT:

@@ -324,8 +324,11 @@ def _clip_processor_loader(transformers: Any, auto: bool) -> Callable[..., Any]:
     return lambda path, **kwargs: cls.from_pretrained(path, **extra, **kwargs)
 
 
-def _chunks(count: int, batch_size: int) -> list[slice]:
-    return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+def _score_in_chunks(count: int, batch_size: int, score: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """``score(part)`` of each run of at most ``batch_size`` of ``count`` items, concatenated: [count] float32, CPU."""
+    parts = [score(slice(start, min(start + batch_size, count))).float().cpu()
+             for start in range(0, count, batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------------------------------- PickScore
@@ -369,8 +372,8 @@ class PickScore(TorchReward):
         """Scores [B] float32 (CPU) of images (PIL list or uint8 [B, H, W, 3]) against their prompts [B]."""
         count = _check_prompts("pickscore", images, prompts)
         pil = to_pil_images(images)
-        scores = []
-        for part in _chunks(count, self.batch_size):
+
+        def score(part: slice) -> torch.Tensor:
             pixels = self.processor(images=pil[part], return_tensors="pt")["pixel_values"]
             text = self.processor(text=list(prompts[part]), padding=True, truncation=True, max_length=77,
                                   return_tensors="pt")
@@ -379,8 +382,9 @@ class PickScore(TorchReward):
             text_embeds = _normalise(features(self.model.get_text_features(
                 input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device))))
             cosine = (image_embeds * text_embeds).sum(-1)
-            scores.append((self.model.logit_scale.exp() * cosine / PICKSCORE_DIVISOR).float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+            return (self.model.logit_scale.exp() * cosine / PICKSCORE_DIVISOR)
+
+        return _score_in_chunks(count, self.batch_size, score)
 
 
 # ----------------------------------------------------------------------------------------------------- CLIPScore
@@ -430,8 +434,8 @@ class ClipScore(TorchReward):
         """Scores [B] float32 (CPU) of images (PIL list or uint8 [B, H, W, 3]) against their prompts [B]."""
         count = _check_prompts("clip", images, prompts)
         pil = to_pil_images(images)
-        scores = []
-        for part in _chunks(count, self.batch_size):
+
+        def score(part: slice) -> torch.Tensor:
             pixels = self.pixels(pil[part]).to(self.device, self.dtype)
             text = self.processor(text=list(prompts[part]), padding="max_length", truncation=True, max_length=77,
                                   return_tensors="pt")
@@ -439,8 +443,9 @@ class ClipScore(TorchReward):
             text_embeds = _normalise(features(self.model.get_text_features(
                 input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device))))
             cosine = (image_embeds * text_embeds).sum(-1)
-            scores.append((self.model.logit_scale.exp() * cosine / CLIPSCORE_DIVISOR).float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+            return (self.model.logit_scale.exp() * cosine / CLIPSCORE_DIVISOR)
+
+        return _score_in_chunks(count, self.batch_size, score)
 
 
 # ----------------------------------------------------------------------------------------------------- aesthetic
@@ -539,13 +544,14 @@ class Aesthetic(TorchReward):
         """Scores [B] float32 (CPU) of images (PIL list or uint8 [B, H, W, 3]); prompts are only counted."""
         count = _check_prompts("aesthetic", images, prompts)
         pil = to_pil_images(images)
-        scores = []
-        for part in _chunks(count, self.batch_size):
+
+        def score(part: slice) -> torch.Tensor:
             pixels = self.processor(images=pil[part], return_tensors="pt")["pixel_values"]
             embeds = _normalise(features(self.clip.get_image_features(pixel_values=pixels.to(self.device,
                                                                                               self.dtype))))
-            scores.append(self.head(embeds.float()).float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+            return self.head(embeds.float())
+
+        return _score_in_chunks(count, self.batch_size, score)
 
 
 # ----------------------------------------------------------------------------------------------------- HPSv2.1
@@ -641,14 +647,15 @@ class HPSv21(TorchReward):
         """Scores [B] float32 (CPU) of images (PIL list or uint8 [B, H, W, 3]) against their prompts [B]."""
         count = _check_prompts("hps", images, prompts)
         pil = to_pil_images(images)
-        scores = []
-        for part in _chunks(count, self.batch_size):
+
+        def score(part: slice) -> torch.Tensor:
             pixels = self.pixels(pil[part]).to(self.device, self.dtype)
             tokens = self.tokenizer(list(prompts[part])).to(self.device)
             image_features = self.model.encode_image(pixels, normalize=True)
             text_features = self.model.encode_text(tokens, normalize=True)
-            scores.append((image_features * text_features).sum(-1).float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+            return (image_features * text_features).sum(-1)
+
+        return _score_in_chunks(count, self.batch_size, score)
 
 
 # ----------------------------------------------------------------------------------------------------- ImageReward
@@ -747,8 +754,9 @@ class ImageRewardScore(TorchReward):
         """Scores [B] float32 (CPU) of images (PIL list or uint8 [B, H, W, 3]) against their prompts [B]."""
         count = _check_prompts("imagereward", images, prompts)
         pil = to_pil_images(images)
-        model, scores = self.model, []
-        for part in _chunks(count, self.batch_size):
+        model = self.model
+
+        def score(part: slice) -> torch.Tensor:
             text = model.blip.tokenizer(list(prompts[part]), padding="max_length", truncation=True, max_length=35,
                                         return_tensors="pt").to(self.device)
             pixels = torch.stack([model.preprocess(image) for image in pil[part]]).to(self.device, self.dtype)
@@ -759,8 +767,9 @@ class ImageRewardScore(TorchReward):
                                              return_dict=True)
             cls = output.last_hidden_state[:, 0, :].float()
             rewards = (model.mlp(cls.to(next(model.mlp.parameters()).dtype)).squeeze(-1) - model.mean) / model.std
-            scores.append(rewards.float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+            return rewards
+
+        return _score_in_chunks(count, self.batch_size, score)
 
 
 register("pickscore", PickScore, replace=False)

@@ -60,7 +60,8 @@ class Credit:
 def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
                     batch_sizes: BatchSizes, team: Team = SINGLE) -> Credit:
     """Stepwise-Flow-GRPO: gains of T'-step completions, jointly (or per-step, for ablations) normalized."""
-    scores = _gather(team, step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes))
+    local = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes)
+    scores = gather_scores(team, local)
     group_ids, active = team.gather_rows(rollout.batch.group_ids), team.gather_rows(rollout.active)
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages
 
@@ -78,7 +79,7 @@ def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rew
                      batch_sizes: BatchSizes, team: Team = SINGLE) -> Credit:
     """Flow-GRPO: the final reward's group-relative advantage, the same for every step of a trajectory."""
     local = score_in_batches(model, reward, rollout.final, list(rollout.batch.prompts), batch_sizes.rewards)
-    final = _gather(team, local)
+    final = gather_scores(team, local)
     group_ids = team.gather_rows(rollout.batch.group_ids)
     steps = rollout.log_probs.shape[1]
 
@@ -93,7 +94,7 @@ def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rew
                   components=as_columns.components)
 
 
-def _gather(team: Team, scores: rewards.Scores) -> rewards.Scores:
+def gather_scores(team: Team, scores: rewards.Scores) -> rewards.Scores:
     """Every process's rows of ``scores`` (and of each component), in rank order."""
     return rewards.Scores(team.gather_rows(scores.values),
                           {name: team.gather_rows(values) for name, values in sorted(scores.components.items())})

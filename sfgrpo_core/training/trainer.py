@@ -25,7 +25,7 @@ from ..config import RESUMABLE_CHANGES, Config, ConfigError, config_differences
 from ..lora.adapters import attach_lora, load_lora_state_dict, lora_state_dict, save_lora
 from ..models.base import VelocityModel
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from .credit import CREDIT_METHODS, Credit
+from .credit import CREDIT_METHODS, Credit, gather_scores
 from .distributed import SINGLE, Team, join
 from .figures import reward_curve_figure, save_png
 from .metrics import CallCounter, MetricsLog
@@ -235,8 +235,7 @@ def evaluate(session: Session) -> Evaluation:
     scores = score_in_batches(session.model, session.reward, samples, list(mine.prompts),
                               config.train.reward_batch_size)
     if rows.stop - rows.start < count:
-        scores = rewards.Scores(team.gather_rows(scores.values),
-                                {name: team.gather_rows(values) for name, values in sorted(scores.components.items())})
+        scores = gather_scores(team, scores)
     return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components)
 
 

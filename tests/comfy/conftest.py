@@ -3,6 +3,8 @@
 Nothing is skipped: when ComfyUI or its requirements cannot be had, the tests fail with the reason.
 """
 
+import contextlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,30 @@ class ComfyEngine:
 
     def __init__(self, nodes_module, execution_module, root: Path):
         self.nodes, self.execution, self.root = nodes_module, execution_module, root
+
+    def pack_module(self, name: str):
+        """A module of the pack as ComfyUI imported it (its own copy, not the test's ``sfgrpo_core`` import)."""
+        import importlib
+
+        package = self.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"].__module__.rsplit(".", 1)[0]
+        return importlib.import_module(f"{package}.{name}")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def logged():
+        """The messages logged (root logger) within the block, as a list that fills while it runs."""
+        messages: list[str] = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                messages.append(record.getMessage())
+
+        handler = Collect()
+        logging.getLogger().addHandler(handler)
+        try:
+            yield messages
+        finally:
+            logging.getLogger().removeHandler(handler)
 
     def add_capture_node(self, name: str, store: dict, inputs: dict[str, tuple], *,
                          input_is_list: bool = False) -> None:

@@ -6,7 +6,6 @@ the node writes loads in ComfyUI's stock LoRA loader with no key left unloaded.
 ComfyUI 0.3.75 reads FLUX's hidden size, text width and pooled width from the weights' shapes; heads (24) and the
 rotary axes (16, 56, 56) are fixed, which fixes the hidden size at 3072 (~530M parameters for 1+1 blocks)."""
 
-import logging
 
 import pytest
 import torch
@@ -59,13 +58,6 @@ def flux(comfy_engine, tmp_path_factory):
     return {"model": patcher, "vae": vae, "conditioning": conditioning}
 
 
-def _pack(engine, name: str):
-    import importlib
-
-    package = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"].__module__.rsplit(".", 1)[0]
-    return importlib.import_module(f"{package}.{name}")
-
-
 def test_comfyui_detects_the_random_model_as_flux(flux):
     import comfy.model_sampling
 
@@ -91,21 +83,12 @@ def test_the_sfgrpo_sampler_and_the_preview_run_on_flux(comfy_engine, flux):
     assert torch.isfinite(estimates).all()
 
 
-class _LogCounter(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_one_training_iteration_on_flux_writes_a_lora_the_stock_loader_reads_whole(comfy_engine, flux):
     import comfy.sd
 
-    types = _pack(comfy_engine, "types")
+    types = comfy_engine.pack_module("types")
     prompts = types.PromptSet(("a sign", "a tree"), (flux["conditioning"], flux["conditioning"]))
-    reward = _pack(comfy_engine, "rewards").load_reward("jpeg_compressibility", "{}")
+    reward = comfy_engine.pack_module("rewards").load_reward("jpeg_compressibility", "{}")
     train_node = comfy_engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"]
     settings = dict(method="stepwise", sde="ddim", eta=0.7, noise_level=0.7, steps=3, substeps=1,
                     min_train_std=0.0, group_size=2, groups_per_iteration=1, iterations=1, lr=1e-3, clip_range=0.05,
@@ -118,12 +101,8 @@ def test_one_training_iteration_on_flux_writes_a_lora_the_stock_loader_reads_who
     native = output.args[1]
     assert native and all(torch.isfinite(tensor).all() for tensor in native.values())
     assert any("single_blocks.0.linear1" in key for key in native) and any("double_blocks.0" in key for key in native)
-    counter = _LogCounter()
-    logging.getLogger().addHandler(counter)
-    try:
+    with comfy_engine.logged() as messages:
         lora_file = comfy_engine.root / "loras" / lora_name
         loaded, _ = comfy.sd.load_lora_for_models(flux["model"], None, load_file(str(lora_file)), 1.0, 0)
-    finally:
-        logging.getLogger().removeHandler(counter)
-    assert not [message for message in counter.messages if "lora key not loaded" in message], counter.messages
+    assert not [message for message in messages if "lora key not loaded" in message], messages
     assert loaded is not flux["model"] and len(loaded.patches) > 0

@@ -4,7 +4,6 @@ the core backends' one LoRA file (diffusers' format) loads in ComfyUI's stock lo
 
 import asyncio
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -143,7 +142,7 @@ def test_the_input_model_is_bitwise_unchanged_after_a_run_and_samples_as_before(
     with torch.no_grad():
         velocity_before = world.velocity(x, sigma, world.encode_prompts(texts))
     train_node = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"]
-    reward = _package_module(engine, "rewards").load_reward("mini_geneval", "{}")
+    reward = engine.pack_module("rewards").load_reward("mini_geneval", "{}")
     with torch.inference_mode():  # as ComfyUI runs every node
         train_node.execute(model=patcher, vae=world.vae, prompts=world.prompts, reward=reward,
                            run_name="unchanged_input", resume=False, width=64, height=64,
@@ -159,15 +158,6 @@ def test_the_input_model_is_bitwise_unchanged_after_a_run_and_samples_as_before(
                                    rtol=0, atol=0)
 
 
-class _LogCounter(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize("source", ["node", "SaveLoRA"])
 def test_lora_file_loads_in_the_stock_loader_with_every_key(engine, trained, source):
     import folder_paths
@@ -181,14 +171,10 @@ def test_lora_file_loads_in_the_stock_loader_with_every_key(engine, trained, sou
                                                                        "strength_model": 1.0}}
     _sample(["lora", 0], "loaded", prompt)
     prompt["capture"] = {"class_type": "TestCaptureAll", "inputs": {"key": "loaded", "image": ["loaded_decode", 0]}}
-    counter = _LogCounter()
-    logging.getLogger().addHandler(counter)
-    try:
+    with engine.logged() as messages:
         errors = run(engine, prompt)
-    finally:
-        logging.getLogger().removeHandler(counter)
     assert not errors, errors[0]["exception_message"]
-    assert not [m for m in counter.messages if "lora key not loaded" in m]
+    assert not [m for m in messages if "lora key not loaded" in m]
     image = CAPTURED["loaded"]["image"]
     torch.testing.assert_close(image, trained["image"], rtol=0, atol=2 / 255)
     assert (image - trained["base_image"]).abs().max() > 1 / 255
@@ -266,26 +252,18 @@ def test_group_size_one_is_refused_at_validation(engine):
     assert "group_size" in details and "smaller than min of 2" in details
 
 
-def _package_module(engine, name: str):
-    """A module of the pack as ComfyUI imported it (its own copy, not the test's ``sfgrpo_core`` import)."""
-    import importlib
-
-    package = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOTrainLoRA"].__module__.rsplit(".", 1)[0]
-    return importlib.import_module(f"{package}.{name}")
-
-
 def _comfy_world(engine, patcher=None, texts=("a red circle", "two blue squares")):
     """ComfyFlowModel of the mini world loaded by the stock loaders (or of ``patcher``), with ``texts`` encoded."""
     import nodes as comfy_nodes
 
-    prompts_module = _package_module(engine, "prompts")
+    prompts_module = engine.pack_module("prompts")
     with torch.inference_mode():
         if patcher is None:
             (patcher,) = comfy_nodes.UNETLoader().load_unet("mini_sd3_transformer.safetensors", "default")
         (vae,) = comfy_nodes.VAELoader().load_vae("mini_taesd.safetensors")
         clip = prompts_module.MiniWorldCLIP(prompts_module.mini_world_text_encoder())
         prompt_set = prompts_module.encode_prompt_set(clip, list(texts))
-    return _package_module(engine, "comfy_model").ComfyFlowModel(patcher, vae, prompt_set, width=64, height=64)
+    return engine.pack_module("comfy_model").ComfyFlowModel(patcher, vae, prompt_set, width=64, height=64)
 
 
 def _inputs(shape):
@@ -378,15 +356,11 @@ def test_the_runs_diffusers_lora_gives_the_comfyui_lora_model_in_diffusers(engin
     torch.testing.assert_close(in_diffusers, with_lora, rtol=1e-4, atol=1e-4)
 
 
-def _unloaded_keys(load) -> tuple[object, list[str]]:
+def _unloaded_keys(engine, load) -> tuple[object, list[str]]:
     """``load()``'s result and ComfyUI's "lora key not loaded" / "NOT LOADED" warnings while it ran."""
-    counter = _LogCounter()
-    logging.getLogger().addHandler(counter)
-    try:
+    with engine.logged() as messages:
         result = load()
-    finally:
-        logging.getLogger().removeHandler(counter)
-    return result, [message for message in counter.messages if "not loaded" in message.lower()]
+    return result, [message for message in messages if "not loaded" in message.lower()]
 
 
 def _random_lora_b(module: torch.nn.Module, std: float) -> None:
@@ -420,7 +394,7 @@ def test_the_core_backends_diffusers_lora_loads_in_the_stock_loader_as_it_is(eng
     prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
         "model": ["unet", 0], "lora_name": "core_run_diffusers.safetensors", "strength_model": 1.0}}
     prompt["capture"] = {"class_type": "TestCaptureAll", "inputs": {"key": "loaded", "model": ["lora", 0]}}
-    errors, unloaded = _unloaded_keys(lambda: run(engine, prompt))
+    errors, unloaded = _unloaded_keys(engine, lambda: run(engine, prompt))
     assert not errors, errors[0]["exception_message"]
     assert unloaded == []
     comfy_world, base_world = _comfy_world(engine, CAPTURED["loaded"]["model"]), _comfy_world(engine)
@@ -473,15 +447,15 @@ def test_a_flux_diffusers_lora_gives_comfyuis_weights_of_the_merged_model(engine
         "depth": 1, "depth_single_blocks": 1, "axes_dim": list(config.axes_dims_rope), "theta": 10000,
         "patch_size": 2, "qkv_bias": True, "guidance_embed": True}).get_model({})
     model.diffusion_model.load_state_dict(comfyui_weights(base), strict=True)
-    fused_linears = _package_module(engine, "comfy_model").fused_linears
+    fused_linears = engine.pack_module("comfy_model").fused_linears
     assert fused_linears(model.diffusion_model) == {  # the node gives each of these projections its own adapter
         "double_blocks.0.img_attn.qkv": (32, 32, 32), "double_blocks.0.txt_attn.qkv": (32, 32, 32),
         "single_blocks.0.linear1": (32, 32, 32, 128)}
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
-    (patched, _), unloaded = _unloaded_keys(lambda: comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0))
+    (patched, _), unloaded = _unloaded_keys(engine, lambda: comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0))
     assert unloaded == []
-    _, unloaded = _unloaded_keys(lambda: comfy.sd.load_lora_for_models(
+    _, unloaded = _unloaded_keys(engine, lambda: comfy.sd.load_lora_for_models(
         patcher, None, {**lora, "transformer.not_a_module.lora_A.weight": torch.zeros(2, 32)}, 1.0, 0))
     assert unloaded and all("not_a_module" in message for message in unloaded)  # the check above can fail
     patched.patch_model()
