@@ -5,7 +5,7 @@ samples with the trainer's own SDE step (nodes/sampler.py ``sample_sfgrpo``, thr
 machinery: noise, conds, CFG, latent in/out) and, at every step, completes the current x_k to a clean estimate with
 ``sfgrpo_core.algorithm.tweedie.complete`` through the very guided denoiser the sampler uses. The estimates are
 decoded with the VAE and, when a reward is connected, scored and drawn as the paper's Figure 1
-(``figures.step_reward_figure``).
+(``figures.step_reward_figure``), which the node also shows on itself.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import itertools
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..sfgrpo_core.algorithm.broadcast import expand_like
 from ..sfgrpo_core.algorithm.sde import SDE_NAMES
@@ -188,7 +188,9 @@ class SFGRPOTweediePreview(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             curve = step_reward_figure(cls._step_rewards(reward, images, prompt, batch), sigmas.numpy(),
                                        title=f"{reward.name} of each step's clean estimate ({sde}, T'={substeps})")
-        return io.NodeOutput(images, grid, out, image_tensor(curve))
+        # The curves are also shown on the node itself (a temp-folder preview, as Preview Image does).
+        curve_image = image_tensor(curve)
+        return io.NodeOutput(images, grid, out, curve_image, ui=ui.PreviewImage(curve_image, cls=cls))
 
     @staticmethod
     def _step_rewards(reward: LoadedReward, images: torch.Tensor, prompt: str, batch: int) -> torch.Tensor:

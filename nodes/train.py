@@ -9,7 +9,10 @@ also written under the first "loras" model folder, so LoraLoaderModelOnly lists 
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward, image_ten
 from .widgets import config_input
 
 RUNS_FOLDER = "sfgrpo"
+# The x0-estimate strip in each training event: pixels high per estimate, and the gap between estimates.
+STRIP_HEIGHT, STRIP_GAP = 64, 2
 DECODE_AUTOCAST = {"vae dtype": None, "bfloat16 autocast": torch.bfloat16}
 
 # (widget id, config section, config field, node default or None for the config's own default)
@@ -101,18 +106,26 @@ def build_config(settings: dict[str, Any], *, reward: LoadedReward, prompts: Pro
 
 class TrainingProgress:
     """ComfyUI's progress bar over every denoising step of every rollout, previewing one x0 estimate; after each
-    iteration, its metrics record goes to the page as a "sfgrpo.training" websocket event {"node", "prompt_id",
-    "record"} (``sfgrpo run`` prints a line of it; the coming live training view plots it)."""
+    iteration, a "sfgrpo.training" websocket event {"node", "prompt_id", "record", "estimates"} goes to the page:
+    the iteration's metrics record and the x0-estimate strip of the iteration's first trajectory (one decoded
+    estimate per step, ``estimate_strip``). ``sfgrpo run`` prints a line of each; the training view
+    (web/js/sfgrpo_training_view.js) plots the records and shows the strip."""
 
-    def __init__(self, patcher: Any, steps: int, iterations: int, start_iteration: int, node_id: str | None):
+    def __init__(self, patcher: Any, decode: Callable[[torch.Tensor], torch.Tensor], steps: int, iterations: int,
+                 start_iteration: int, node_id: str | None):
         import latent_preview
 
         self.steps, self.total = steps, steps * iterations
         self.iteration = start_iteration
         self.node_id = node_id
+        self.decode = decode
+        self.estimates: list[torch.Tensor] = []
         self.callback = latent_preview.prepare_callback(patcher, self.total)
 
     def on_rollout_step(self, step: int, steps: int, x: torch.Tensor, x0_estimate: torch.Tensor) -> None:
+        if step == 0:
+            self.estimates = []
+        self.estimates.append(x0_estimate[:1].detach().float().cpu())
         self.callback(self.iteration * self.steps + step, x0_estimate[:1].detach(), x[:1].detach(), self.total)
 
     def on_iteration(self, record: dict[str, Any]) -> None:
@@ -120,7 +133,27 @@ class TrainingProgress:
         server = _prompt_server()
         if server is not None:
             event = {"node": self.node_id, "prompt_id": server.last_prompt_id, "record": json_safe(record)}
+            if self.estimates:
+                event["estimates"] = {"png": estimate_strip(self.decode(torch.cat(self.estimates))),
+                                      "steps": len(self.estimates)}
             server.send_sync(TRAINING_EVENT, event, server.client_id)
+
+
+def estimate_strip(images: torch.Tensor, height: int = STRIP_HEIGHT) -> str:
+    """uint8 images [T, H, W, 3] side by side, each scaled to ``height`` pixels high, as a PNG data URL."""
+    from PIL import Image
+
+    tiles = [Image.fromarray(image.numpy()) for image in images]
+    tiles = [tile.resize((max(1, round(tile.width * height / tile.height)), height), Image.Resampling.BILINEAR)
+             for tile in tiles]
+    strip = Image.new("RGB", (sum(tile.width for tile in tiles) + STRIP_GAP * (len(tiles) - 1), height), (24, 24, 24))
+    left = 0
+    for tile in tiles:
+        strip.paste(tile, (left, 0))
+        left += tile.width + STRIP_GAP
+    buffer = BytesIO()
+    strip.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _prompt_server() -> Any:
@@ -237,7 +270,7 @@ class SFGRPOTrainLoRA(io.ComfyNode):
                               json.dumps({**node_settings, "lora_name": lora_name}, indent=2) + "\n")
         checkpoint = latest_checkpoint(run_dir) if resume else None
         start = checkpoint_iteration(checkpoint) if checkpoint is not None else 0
-        progress = TrainingProgress(model, config.sampler.steps, config.train.iterations, start,
+        progress = TrainingProgress(model, flow.decode, config.sampler.steps, config.train.iterations, start,
                                     cls.hidden.unique_id if cls.hidden else None)
         hooks = TrainHooks(on_rollout_step=progress.on_rollout_step, on_iteration=progress.on_iteration)
         with on_compute_device(reward), trainable(flow):  # the reward first: its memory is freed before the model's

@@ -88,6 +88,11 @@ class CreditConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = option(3e-4, "AdamW learning rate of the LoRA weights.", minimum=0.0)
+    lr_schedule: str = option("constant", "How lr changes over the run: 'constant', or 'cosine' (half a cosine from "
+                                          "lr down to lr_final_ratio x lr at the last of train.iterations).",
+                              choices=("constant", "cosine"))
+    lr_final_ratio: float = option(0.1, "With lr_schedule cosine: the last iteration's lr as a fraction of lr.",
+                                   minimum=0.0, maximum=1.0)
     weight_decay: float = option(1e-4, "AdamW weight decay.", minimum=0.0)
     grad_clip: float = option(1.0, "Gradient-norm clip per optimizer step (0 disables it).", minimum=0.0)
     clip_range: float = option(1e-4, "PPO clip eps of the importance ratio. 1e-4 is calibrated to log-probs "

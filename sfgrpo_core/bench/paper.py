@@ -61,6 +61,8 @@ ARMS: dict[str, Arm] = {
                                "rewards barely differ gets small advantages instead of unit ones"),
     "stepwise_lr": Arm(STEPWISE_CONFIG, {"optim.lr": 3e-4}, "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's "
                                                             "default; the recipes use 1e-3)"),
+    "stepwise_cosine": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1},
+                           "Stepwise with lr 1e-3 decayed along a half cosine to 1e-4 at the last iteration"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
 

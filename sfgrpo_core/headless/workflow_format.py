@@ -27,10 +27,11 @@ the older, still loadable form: sockets always, widget slots only when linked.
 Titles: api_to_ui writes a node "title" only when ``_meta.title`` is set and differs from the display name; a
 missing ``_meta`` (or title) means the display name. ui_to_api always writes ``_meta.title`` (the node's title, or
 the display name). So ``ui_to_api(api_to_ui(p)) == p`` holds for prompts that set every ``_meta.title`` and give
-every widget input a value (as the frontend's "Export (API)" does); ``api_to_ui(ui_to_api(w)) == w`` holds for
-every ``w`` that api_to_ui wrote.
+every widget input a value (as the frontend's "Export (API)" does); ``api_to_ui(ui_to_api(w), note=n) == w``
+holds for every ``w`` that api_to_ui wrote with note ``n``.
 
-CLI: ``python -m sfgrpo_core.headless.workflow_format OBJECT_INFO_JSON API_JSON... --out-dir DIR [--check]``.
+CLI: ``python -m sfgrpo_core.headless.workflow_format OBJECT_INFO_JSON API_JSON... --out-dir DIR [--notes-dir DIR]
+[--check]`` (the note of ``NAME.json`` is ``NOTES_DIR/NAME.md`` when that file exists).
 """
 
 from __future__ import annotations
@@ -56,8 +57,18 @@ MODE_NEVER, MODE_BYPASS = 2, 4
 VIRTUAL_NODE_TYPES = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"})
 
 # Layout of api_to_ui (LiteGraph units; pos is the top left of a node's body, its title bar sits above it).
-COLUMN_X0, COLUMN_WIDTH, ROW_Y0, NODE_GAP_Y = 40, 380, 40, 60
-NODE_WIDTH, NODE_HEIGHT0, ROW_HEIGHT, MULTILINE_EXTRA_ROWS = 340, 46, 24, 3
+COLUMN_X0, COLUMN_WIDTH, ROW_Y0, NODE_GAP_Y = 40, 400, 40, 60
+NODE_WIDTH, NODE_HEIGHT0, ROW_HEIGHT, MULTILINE_EXTRA_ROWS = 360, 46, 24, 3
+# Room for what a node shows only after a run. The frontend grows a node to fit its image previews and the widgets
+# extensions add, and a grown node would cover the one below it: the room is part of the node from the start.
+IMAGE_PREVIEW_ROOM = 300
+ROOM_AFTER_RUN = {"SaveImage": IMAGE_PREVIEW_ROOM, "PreviewImage": IMAGE_PREVIEW_ROOM,
+                  "SFGRPOTweediePreview": IMAGE_PREVIEW_ROOM,  # its per-step reward curves (ui images)
+                  "SFGRPOScore": 190,  # the scores' text box (web/js/sfgrpo_training_view.js)
+                  "SFGRPOTrainLoRA": 460}  # the training view (chart and estimate strip) and the summary text
+# The note api_to_ui can put at the top of the first column: the frontend's MarkdownNote (not sent to the server).
+NOTE_TYPE, NOTE_CHARS_PER_LINE, NOTE_LINE_HEIGHT = "MarkdownNote", 52, 20
+NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"  # the frontend's "yellow" node colour, as its own notes use
 
 _NODE_ID = re.compile(r"0|[1-9][0-9]*")
 
@@ -179,16 +190,21 @@ def _where(node_id: Any, class_type: str, name: str | None = None) -> str:
     return f"node {node_id} ({class_type})" + (f" input {name!r}" if name is not None else "")
 
 
-def api_to_ui(prompt: Mapping[str, Any], object_info: Mapping[str, Any]) -> dict[str, Any]:
+def api_to_ui(prompt: Mapping[str, Any], object_info: Mapping[str, Any], *, note: str | None = None
+              ) -> dict[str, Any]:
     """Convert an API prompt to a UI workflow (LiteGraph "version": 0.4), deterministically.
 
     Node ids become ints (API ids must be canonical decimal strings); link ids run 1.. in order of (target node id,
     target input in definition order). Nodes sit in columns by depth (longest path from a source):
-    x = 40 + 380 * depth, stacked down each column in execution order.
+    x = 40 + 400 * depth, stacked down each column in execution order, each as tall as its widgets plus the room
+    for what it shows after a run (``ROOM_AFTER_RUN``). The workflow has no saved view (``extra.ds``), so the
+    frontend fits the whole graph into the window when it opens it.
 
     Args:
         prompt: {node_id: {"class_type", "inputs", "_meta"?}}; widget inputs it omits get their default.
         object_info: GET /object_info (at least the classes the prompt uses).
+        note: Markdown for a note at the top of the first column (a MarkdownNote, id after the last node's;
+            graphToPrompt and :func:`ui_to_api` leave it out).
 
     Returns:
         The UI workflow dict (serialise with :func:`dumps_workflow`).
@@ -243,6 +259,14 @@ def api_to_ui(prompt: Mapping[str, Any], object_info: Mapping[str, Any]) -> dict
 
     ui_nodes = []
     column_y: dict[int, int] = {}
+    if note is not None:
+        lines = sum(max(1, -(-len(line) // NOTE_CHARS_PER_LINE)) for line in note.strip().splitlines())
+        height = NODE_HEIGHT0 + NOTE_LINE_HEIGHT * lines
+        ui_nodes.append({"id": max(nodes, default=0) + 1, "type": NOTE_TYPE, "pos": [COLUMN_X0, ROW_Y0],
+                         "size": [NODE_WIDTH, height], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [],
+                         "outputs": [], "title": "About this workflow", "properties": {},
+                         "widgets_values": [note.strip()], "color": NOTE_COLOR, "bgcolor": NOTE_BGCOLOR})
+        column_y[0] = ROW_Y0 + height + NODE_GAP_Y
     for rank, node_id in enumerate(order):
         definition, node = defs[node_id], nodes[node_id]
         values = node.get("inputs") or {}
@@ -260,7 +284,7 @@ def api_to_ui(prompt: Mapping[str, Any], object_info: Mapping[str, Any]) -> dict
                           else inp.default for inp in definition.widget_slots()]
         rows = max(len(sockets) + len(linked_widgets), len(outputs)) + len(widgets_values) + sum(
             MULTILINE_EXTRA_ROWS for inp in definition.inputs if inp.multiline and inp.widget)
-        height = NODE_HEIGHT0 + ROW_HEIGHT * rows
+        height = NODE_HEIGHT0 + ROW_HEIGHT * rows + ROOM_AFTER_RUN.get(definition.class_type, 0)
         y = column_y.get(depth[node_id], ROW_Y0)
         column_y[depth[node_id]] = y + height + NODE_GAP_Y
         ui_node: dict[str, Any] = {"id": node_id, "type": definition.class_type,
@@ -275,10 +299,11 @@ def api_to_ui(prompt: Mapping[str, Any], object_info: Mapping[str, Any]) -> dict
         ui_nodes.append(ui_node)
     ui_nodes.sort(key=lambda n: n["id"])
 
-    return {"last_node_id": max(nodes, default=0), "last_link_id": len(links), "nodes": ui_nodes,
+    return {"last_node_id": max(node["id"] for node in ui_nodes) if ui_nodes else 0, "last_link_id": len(links),
+            "nodes": ui_nodes,
             "links": [[link_id, source, slot, target, _slot_of(ui_nodes, target, name), type_]
                       for link_id, source, slot, target, name, type_ in links],
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
 def _slot_of(ui_nodes: list[dict[str, Any]], node_id: int, name: str) -> int:
@@ -409,14 +434,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("object_info", type=Path, help="GET /object_info saved as JSON")
     parser.add_argument("api_json", type=Path, nargs="+", help="API-format workflows")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the UI-format workflows")
+    parser.add_argument("--notes-dir", type=Path,
+                        help="folder of Markdown notes: NAME.md becomes the note at the top of NAME.json's graph")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 listing the UI files that are missing or differ")
     args = parser.parse_args(argv)
     object_info = json.loads(args.object_info.read_text(encoding="utf-8"))
     stale = []
     for path in args.api_json:
+        note_file = args.notes_dir / f"{path.stem}.md" if args.notes_dir else None
+        note = note_file.read_text(encoding="utf-8") if note_file and note_file.is_file() else None
         try:
-            text = dumps_workflow(api_to_ui(json.loads(path.read_text(encoding="utf-8")), object_info))
+            text = dumps_workflow(api_to_ui(json.loads(path.read_text(encoding="utf-8")), object_info, note=note))
         except ValueError as err:
             parser.exit(2, f"{path}: {err}\n")
         target = args.out_dir / path.name

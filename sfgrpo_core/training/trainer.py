@@ -28,6 +28,7 @@ from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_che
 from .credit import CREDIT_METHODS, Credit, gather_scores
 from .distributed import SINGLE, Team, join
 from .figures import reward_curve_figure, save_png
+from .lr_schedule import LR_SCHEDULES
 from .metrics import CallCounter, MetricsLog
 from .rollout import Rollout, StepCallback, choose_prompts, independent_noise, make_prompt_batch, rollout
 from .step_rewards import BatchSizes, score_in_batches
@@ -196,7 +197,11 @@ def assign_credit(session: Session, recorded: Rollout) -> Credit:
 
 
 def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: int) -> UpdateStats:
-    """Update phase: the clipped GRPO loss over active transitions."""
+    """Update phase: the clipped GRPO loss over active transitions, at the iteration's scheduled lr."""
+    optim = session.config.optim
+    lr = LR_SCHEDULES[optim.lr_schedule](optim.lr, iteration, session.config.train.iterations, optim.lr_final_ratio)
+    for group in session.optimizer.param_groups:
+        group["lr"] = lr
     generator = seeding.generator(session.config.train.seed, iteration, "shuffle")
     return update_policy(session.model, session.optimizer, recorded, assigned.advantages.to(recorded.states.device),
                          session.config.optim, step_function_for(session.config), generator, session.team)

@@ -185,6 +185,8 @@ function nodeView(page) {
       chart_visible: Boolean(rect && rect.width > 0 && rect.height > 0 && getComputedStyle(element).display !== "none"),
       chart_rect: rect ? { x: rect.x, y: rect.y, width: rect.width, height: rect.height } : null,
       chart_canvas_size: view ? [view.canvas.width, view.canvas.height] : null,
+      strip_steps: Number(view?.strip?.dataset.steps ?? 0),
+      strip_visible: Boolean(view?.strip && view.strip.naturalWidth > 0 && getComputedStyle(view.strip).display !== "none"),
       train_text: train ? textOf(train) : null,
       score_texts: app.graph._nodes.filter((node) => node.type === "SFGRPOScore").map(textOf),
       chromium_widgets: train?.widgets?.map((widget) => widget.name) ?? [],

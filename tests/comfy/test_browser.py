@@ -1,12 +1,14 @@
-"""The live training view in ComfyUI's real frontend, in a real headless browser.
+"""The example graphs and the live training view in ComfyUI's real frontend, in a real headless browser.
 
 Debian's Chromium (``/usr/bin/chromium``, or ``$SFGRPO_CHROMIUM``), driven by ``playwright-core`` from npm
 (tests/browser/package.json; no browser download), opens the real ComfyUI of the ``comfy_server`` fixture with this
-pack, loads the train_lora template, shrinks it to a 2-iteration run, queues it and waits for the end
-(tests/browser/check_training_view.mjs). Chromium and the npm packages are installed when missing (apt-get as root
-or through ``sudo -n``, ``npm ci``); when that is impossible the test fails with the command to run.
+pack. tests/browser/check_examples.mjs opens every example from the template browser, converts it with the
+frontend's graphToPrompt, runs it (training at one iteration) and records the layout before and after;
+tests/browser/check_training_view.mjs follows a 2-iteration training run in the live view and through a page
+reload. Chromium and the npm packages are installed when missing (apt-get as root or through ``sudo -n``,
+``npm ci``); when that is impossible the test fails with the command to run.
 
-Screenshots land in the test's temporary folder and the Train LoRA node's one also in tests/browser/artifacts/.
+Screenshots land in the tests' temporary folders and tests/browser/artifacts/.
 """
 
 import json
@@ -20,6 +22,9 @@ from PIL import Image
 
 BROWSER_DIR = Path(__file__).resolve().parents[1] / "browser"
 SCRIPT = BROWSER_DIR / "check_training_view.mjs"
+EXAMPLES_SCRIPT = BROWSER_DIR / "check_examples.mjs"
+API_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
+EXAMPLES = sorted(path.stem for path in API_WORKFLOWS.glob("*.json"))
 ARTIFACTS = BROWSER_DIR / "artifacts"
 CHROMIUM = Path(os.environ.get("SFGRPO_CHROMIUM", "/usr/bin/chromium"))
 APT_INSTALL = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
@@ -87,6 +92,34 @@ def browser_run(comfy_server, tmp_path_factory) -> tuple[dict, Path]:
     return result, out
 
 
+@pytest.fixture(scope="module")
+def examples_run(comfy_server, tmp_path_factory) -> tuple[dict, Path]:
+    """check_examples.mjs's result.json and its folder (screenshots), after every example ran once in the page."""
+    chromium = ensure_chromium()
+    node = ensure_node_modules()
+    out = tmp_path_factory.mktemp("examples")
+    command = [node, str(EXAMPLES_SCRIPT), comfy_server.url, str(API_WORKFLOWS), str(out), "--timeout-s", "600",
+               "--chromium", str(chromium)]
+    try:
+        completed = _run(command, cwd=BROWSER_DIR, timeout=1200)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the examples check ran past 1200 s:\n" + comfy_server.log_tail(), pytrace=False)
+    result_file = out / "result.json"
+    if completed.returncode != 0 or not result_file.is_file():
+        pytest.fail(f"the examples check failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n"
+                    f"{completed.stderr[-3000:]}\nserver log:\n{comfy_server.log_tail()}", pytrace=False)
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name in EXAMPLES:
+        if (out / f"{name}_after.png").is_file():
+            shutil.copyfile(out / f"{name}_after.png", ARTIFACTS / f"example_{name}.png")
+    return json.loads(result_file.read_text()), out
+
+
+def _overlaps(a: dict, b: dict) -> bool:
+    return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"])
+
+
 def sfgrpo_console_messages(result: dict) -> list[dict]:
     """The page's console warnings and errors about this pack, and every "Unhandled message".
 
@@ -129,6 +162,7 @@ def test_the_train_lora_node_plots_each_iteration_with_a_status_line(browser_run
     status = after["status"]
     assert status.startswith("iteration 2/2") and " s/it" in status and "done" in status, status
     assert "reward " in status and "held-out " in status, status
+    assert after["strip_visible"] and after["strip_steps"] == 4, after  # the x0-estimate strip, one per step
 
 
 def test_the_view_is_neither_queued_nor_saved_with_the_workflow(browser_run):
@@ -171,3 +205,68 @@ def test_the_screenshots_show_the_page_the_node_and_the_chart(browser_run):
             assert image.width > 100 and image.height > 100, name
             assert len(image.convert("L").getcolors(256)) > 16, f"{name} is blank"
     assert (ARTIFACTS / "training_view.png").is_file()
+
+
+def test_every_example_opens_from_the_template_browser_as_its_api_file(examples_run):
+    result, _ = examples_run
+    assert sorted(result["examples"]) == EXAMPLES
+    for name, example in result["examples"].items():
+        assert example["template_card"] == name
+        api = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
+        assert example["prompt"] == api, f"{name}: the frontend's graphToPrompt differs from workflows/api/{name}.json"
+
+
+def test_every_example_opens_with_the_whole_graph_in_view_and_a_note(examples_run):
+    """No saved view in the files: the frontend fits the graph into the window, clear of what lies over the canvas."""
+    result, _ = examples_run
+    for name, example in result["examples"].items():
+        opened = example["opened"]
+        width, height = opened["viewport"]
+        assert opened["overlays"]["sidebar"] and opened["overlays"]["tabs"], opened["overlays"]
+        for node in opened["nodes"]:
+            box = node["screen"]
+            assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= width, (name, node)
+            assert box["y"] + box["height"] <= height, (name, node)
+            covered = [key for key, overlay in opened["overlays"].items() if overlay and _overlaps(box, overlay)]
+            assert not covered, f"{name}: node {node['id']} ({node['type']}) lies under the {covered}"
+        assert opened["scale"] >= 0.4, f"{name}: opens at {opened['scale']:.2f}, too small to read"
+        assert [node["type"] for node in opened["nodes"]].count("MarkdownNote") == 1, name
+
+
+def test_no_two_nodes_overlap_before_or_after_a_run(examples_run):
+    """After a run the frontend grows nodes for their previews and the pack's views: the layout has room for it."""
+    result, _ = examples_run
+    for name, example in result["examples"].items():
+        for stage in ("opened", "after"):
+            nodes = example[stage]["nodes"]
+            overlapping = [(a["id"], a["type"], b["id"], b["type"]) for i, a in enumerate(nodes) for b in nodes[i + 1:]
+                           if _overlaps(a["graph"], b["graph"])]
+            assert not overlapping, f"{name} {stage}: {overlapping}"
+
+
+def test_every_example_runs_and_its_nodes_show_their_results(examples_run):
+    result, _ = examples_run
+    for name, example in result["examples"].items():
+        assert example["end"]["kind"] == "execution_success", (name, example["end"])
+        shown = {entry["id"]: entry for entry in example["shown"]}
+        saved = [entry for entry in shown.values() if entry["type"] == "SaveImage"]
+        assert saved and all(entry["images"] >= 1 for entry in saved), (name, saved)
+        for entry in shown.values():
+            if entry["type"] == "SFGRPOScore":
+                assert "mean: " in entry["text"], (name, entry)
+            if entry["type"] == "SFGRPOTweediePreview":  # its per-step reward curves, on the node itself
+                assert entry["images"] == 1, (name, entry)
+            if entry["type"] == "SFGRPOTrainLoRA":
+                assert example["events"] == 1 and entry["chart_points"] == 1, (name, example["events"], entry)
+                assert entry["strip_loaded"] and entry["strip_steps"] == 4, entry  # one estimate per step
+                assert entry["strip_size"] == [4 * 64 + 3 * 2, 64], entry
+                assert "held-out reward" in entry["text"], entry
+
+
+def test_the_examples_log_no_warning_or_error_about_the_pack(examples_run):
+    result, out = examples_run
+    assert sfgrpo_console_messages(result) == []
+    assert [error for error in result["page_errors"] if "sfgrpo" in error.lower()] == []
+    for name in EXAMPLES:
+        with Image.open(out / f"{name}_after.png") as image:
+            assert len(image.convert("L").getcolors(256)) > 16, f"{name}_after.png is blank"

@@ -1,6 +1,8 @@
 """Every example API workflow on a real ComfyUI server over HTTP (the headless runner), on the committed mini world;
 Cancel (POST /interrupt) during training; the object_info the frontend sees."""
 
+import base64
+import io
 import json
 import threading
 import time
@@ -81,6 +83,9 @@ def test_tweedie_preview_saves_the_estimate_grid_and_step_reward_curves(comfy_se
     height, width, _ = pixels(grid).shape
     assert (height, width) == (2 * 64, 9 * 64)  # 2 samples x (8 step estimates + the final image)
     assert pixels(curve).std() > 0
+    # The node shows the same curves on itself (a temp preview, downloaded like any other output).
+    [shown] = result.outputs["8"]["files"]
+    assert np.array_equal(pixels(tmp_path / shown), pixels(curve)), shown
 
 
 def test_the_runner_prints_each_training_iteration(training_run, training_events):
@@ -196,6 +201,13 @@ def test_interrupt_stops_training_within_a_step_keeps_the_checkpoint_and_the_ser
     assert [record["iteration"] for record in records][:2] == [0, 1] and all(d["node"] == "12" for _, k, d in events
                                                                              if k == "sfgrpo.training")
     assert "reward_mean" in records[0] and "loss" in records[0]
+    # Each event carries the iteration's x0-estimate strip: one 64 px tile per step, 2 px apart (nodes/train.py).
+    strip = next(data for _, kind, data in events if kind == "sfgrpo.training")["estimates"]
+    assert strip["steps"] == 4 and strip["png"].startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(strip["png"].split(",", 1)[1]))) as image:
+        tiles = np.asarray(image.convert("RGB"), dtype=np.int16)
+    assert tiles.shape == (64, 4 * 64 + 3 * 2, 3)
+    assert np.abs(tiles[:, :64] - tiles[:, -64:]).mean() > 1  # the first step's estimate is not the last one's
     late_steps = [data for stamp, kind, data in events if kind == "progress" and stamp > interrupted_at
                   and data.get("node") == "12"]
     # At most the denoising step that was running when the flag was set, plus the message of the step before it if
@@ -220,10 +232,13 @@ def test_ui_workflows_are_the_api_workflows_for_this_comfyui_and_show_in_the_tem
     for api_file in sorted(API_WORKFLOWS.glob("*.json")):
         api = json.loads(api_file.read_text())
         committed = (ui_folder / api_file.name).read_text()
-        # Regenerate with:
-        # python -m sfgrpo_core.headless.workflow_format OBJECT_INFO workflows/api/*.json --out-dir workflows
-        assert dumps_workflow(api_to_ui(api, object_info)) == committed, f"{api_file.name}: UI file is stale"
+        note = (ui_folder / "notes" / f"{api_file.stem}.md").read_text()  # every example has its note
+        # Regenerate with: python -m sfgrpo_core.headless.workflow_format OBJECT_INFO workflows/api/*.json
+        # --out-dir workflows --notes-dir workflows/notes
+        assert dumps_workflow(api_to_ui(api, object_info, note=note)) == committed, f"{api_file.name}: stale"
         assert ui_to_api(json.loads(committed), object_info) == api
+        notes = [node for node in json.loads(committed)["nodes"] if node["type"] == "MarkdownNote"]
+        assert len(notes) == 1 and "Change first" in notes[0]["widgets_values"][0], api_file.name
     templates = _get_json(comfy_server, "/workflow_templates")
     assert sorted(templates["sfgrpo"]) == sorted(path.stem for path in API_WORKFLOWS.glob("*.json"))
     served = _get_json(comfy_server, "/api/workflow_templates/sfgrpo/train_lora.json")

@@ -112,6 +112,19 @@ def test_kl_penalty_and_per_step_normalization_run(toy_config):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
+def test_the_cosine_schedule_sets_each_iterations_lr(toy_config):
+    from sfgrpo_core.training.lr_schedule import constant, cosine
+
+    lrs = [cosine(1e-3, k, 5, 0.1) for k in range(5)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4) and lrs[2] == pytest.approx(5.5e-4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and cosine(1e-3, 9, 5, 0.1) == pytest.approx(1e-4)
+    assert constant(1e-3, 3, 5, 0.1) == 1e-3
+    config = toy_config.replace(**{"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1, "optim.lr": 1e-3,
+                                   "train.iterations": 3, "train.eval_every": 0})
+    records = trainer.train(config).records
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 5.5e-4, 1e-4])
+
+
 def test_missing_rewards_are_counted_and_left_out(toy_config):
     from sfgrpo_core import rewards
     from sfgrpo_core.rewards.builtin import ToyModeCloseness

@@ -90,7 +90,8 @@ def test_api_ui_api_roundtrip_is_exact_both_ways():
     assert ui_to_api(ui, OBJECT_INFO) == prompt
     assert api_to_ui(ui_to_api(ui, OBJECT_INFO), OBJECT_INFO) == ui
     assert [n["id"] for n in ui["nodes"]] == [1, 2, 3, 4, 5, 7, 9, 10, 12] and ui["last_node_id"] == 12
-    assert ui["version"] == 0.4 and ui["groups"] == [] and ui["extra"]["ds"] == {"scale": 1, "offset": [0, 0]}
+    # No saved view: the frontend fits the whole graph into the window when it opens the workflow.
+    assert ui["version"] == 0.4 and ui["groups"] == [] and ui["extra"] == {}
 
 
 def test_widgets_values_follow_input_order_with_fixed_control_values():
@@ -148,12 +149,33 @@ def test_layout_columns_by_depth_and_topological_order():
         assert nodes[source]["order"] < nodes[target]["order"]
         assert nodes[source]["pos"][0] < nodes[target]["pos"][0]
     # depths: 1, 2, 5, 10 -> 0; 3, 4, 12 -> 1; 7 -> 2; 9 -> 3 (longest path from a source)
-    assert {i: (n["pos"][0] - 40) // 380 for i, n in nodes.items()} == {1: 0, 2: 0, 5: 0, 10: 0, 3: 1, 4: 1, 12: 1,
+    assert {i: (n["pos"][0] - 40) // 400 for i, n in nodes.items()} == {1: 0, 2: 0, 5: 0, 10: 0, 3: 1, 4: 1, 12: 1,
                                                                         7: 2, 9: 3}
     column = sorted((n for n in nodes.values() if n["pos"][0] == 40), key=lambda n: n["pos"][1])
     for upper, lower in zip(column, column[1:], strict=False):
         assert upper["pos"][1] + upper["size"][1] < lower["pos"][1]  # stacked without overlap
     assert sorted(n["order"] for n in nodes.values()) == list(range(len(nodes)))
+
+
+def test_a_note_tops_the_first_column_and_never_reaches_the_server():
+    note = "**What this shows.** A sampler.\n\nChange first: the prompt."
+    ui = api_to_ui(_prompt(), OBJECT_INFO, note=note)
+    [card] = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert card["id"] == ui["last_node_id"] == 13 and card["widgets_values"] == [note] and card["pos"] == [40, 40]
+    assert card["inputs"] == card["outputs"] == []
+    column = sorted((n for n in ui["nodes"] if n["pos"][0] == 40), key=lambda n: n["pos"][1])
+    assert column[0] is card and card["pos"][1] + card["size"][1] < column[1]["pos"][1]  # the note pushes it down
+    assert ui_to_api(ui, OBJECT_INFO) == _prompt()  # graphToPrompt leaves notes out
+    assert api_to_ui(ui_to_api(ui, OBJECT_INFO), OBJECT_INFO, note=note) == ui
+
+
+def test_nodes_that_show_something_after_a_run_are_tall_enough_for_it(monkeypatch):
+    from sfgrpo_core.headless import workflow_format
+
+    plain = _node(api_to_ui(_prompt(), OBJECT_INFO), 9)["size"][1]
+    monkeypatch.setitem(workflow_format.ROOM_AFTER_RUN, "Preview", 250)
+    ui = api_to_ui(_prompt(), OBJECT_INFO)
+    assert _node(ui, 9)["size"][1] == plain + 250
 
 
 def test_output_is_deterministic_and_independent_of_key_order():

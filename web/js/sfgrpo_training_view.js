@@ -3,7 +3,8 @@
 // * Train LoRA (SFGRPOTrainLoRA): each "sfgrpo.training" websocket event {node, prompt_id, record} (sent by the
 //   trainer after every iteration, see nodes/train.py TrainingProgress) adds a point to a small chart drawn on the
 //   node: train reward mean with a +-std band and the held-out reward, plus a status line (iteration i/N, seconds
-//   per iteration, ETA). Nothing is drawn before the first event. After a page reload the chart refills from
+//   per iteration, ETA), and under the chart the event's x0-estimate strip: the clean image each denoising step of
+//   the iteration's first trajectory points at. Nothing is drawn before the first event. After a page reload the chart refills from
 //   GET /sfgrpo/training?run_name=<run_name> (nodes/routes.py) when that route is there.
 // * Score and Train LoRA (SFGRPOScore, SFGRPOTrainLoRA): the node's text output (the executed message's "text",
 //   ui.PreviewText) is shown on the node in a read-only box, as the stock Preview Any node does.
@@ -18,7 +19,9 @@ const TRAIN_NODE = "SFGRPOTrainLoRA";
 const TEXT_NODES = new Set(["SFGRPOScore", TRAIN_NODE]);
 const CHART_WIDGET = "sfgrpo_training_view";
 const TEXT_WIDGET = "sfgrpo_text";
-const CHART_HEIGHT = 150;
+const CHART_HEIGHT = 200; // the whole view: the chart, the estimate strip (STRIP_HEIGHT) and the status line
+const STRIP_HEIGHT = 40;
+const DATA_PNG = /^data:image\/png;base64,[A-Za-z0-9+/=]+$/;
 const COLORS = { train: "#4aa3ff", band: "rgba(74, 163, 255, 0.22)", eval: "#ffa43a", axis: "#888", text: "#ddd" };
 
 const finite = (value) => typeof value === "number" && Number.isFinite(value);
@@ -58,11 +61,13 @@ class TrainingState {
     this.total = null; // iterations of the run
     this.lastElapsed = null; // the record's seconds_elapsed (training time, no evaluation)
     this.source = "live";
+    this.estimates = null; // {png: data URL, steps, iteration} of the latest event
   }
 
   reset(promptId, source = "live") {
     this.promptId = promptId;
     this.points = [];
+    this.estimates = null;
     this.arrivals = [];
     this.lastElapsed = null;
     this.source = source;
@@ -209,11 +214,16 @@ function chartView(node) {
   canvas.className = "sfgrpo-training-chart";
   canvas.style.cssText = "flex:1 1 auto;width:100%;min-height:0;";
   canvas.dataset.points = "0";
+  const strip = document.createElement("img");
+  strip.className = "sfgrpo-training-estimates";
+  strip.alt = "x0 estimates";
+  strip.style.cssText = `flex:0 0 ${STRIP_HEIGHT}px;height:${STRIP_HEIGHT}px;max-width:100%;object-fit:contain;` +
+    "object-position:left center;image-rendering:pixelated;display:none;margin:2px 0;";
   const status = document.createElement("div");
   status.className = "sfgrpo-training-status";
   status.style.cssText = `flex:0 0 auto;font:11px sans-serif;color:${COLORS.text};white-space:nowrap;` +
     "overflow:hidden;text-overflow:ellipsis;";
-  element.append(canvas, status);
+  element.append(canvas, strip, status);
   const widget = node.addDOMWidget(CHART_WIDGET, "sfgrpo_chart", element, {
     serialize: false,
     hideOnZoom: false,
@@ -224,11 +234,18 @@ function chartView(node) {
   });
   widget.serialize = false;
   widget.serializeValue = () => undefined;
-  const view = { widget, element, canvas, status, state: node.sfgrpoTraining };
+  const view = { widget, element, canvas, strip, status, state: node.sfgrpoTraining };
   view.redraw = () => {
     try {
       view.state.total = widgetValue(node, "iterations") ?? view.state.total;
       drawChart(canvas, view.state);
+      const estimates = view.state.estimates;
+      if (estimates && strip.dataset.src !== estimates.png) {
+        strip.src = strip.dataset.src = estimates.png;
+        strip.title = `x0 estimates of iteration ${estimates.iteration + 1}, steps 1 to ${estimates.steps}`;
+        strip.dataset.steps = String(estimates.steps);
+      }
+      strip.style.display = estimates ? "block" : "none";
       status.textContent = view.state.status();
       element.dataset.status = status.textContent;
     } catch (error) {
@@ -268,6 +285,10 @@ function onTrainingEvent(event) {
     }
   }
   if (!state.add(detail.record, performance.now())) return;
+  const estimates = detail.estimates;
+  if (estimates && typeof estimates.png === "string" && DATA_PNG.test(estimates.png) && finite(estimates.steps)) {
+    state.estimates = { png: estimates.png, steps: estimates.steps, iteration: detail.record.iteration };
+  }
   const view = chartView(node);
   view.state = state;
   view.redraw();
