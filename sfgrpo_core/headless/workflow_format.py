@@ -257,7 +257,7 @@ def api_to_ui(prompt: Mapping[str, Any], object_info: Mapping[str, Any], *, note
             if target == node_id:
                 depth[node_id] = max(depth[node_id], depth[source] + 1)
 
-    ui_nodes = []
+    ui_nodes: list[dict[str, Any]] = []
     column_y: dict[int, int] = {}
     if note is not None:
         lines = sum(max(1, -(-len(line) // NOTE_CHARS_PER_LINE)) for line in note.strip().splitlines())
