@@ -159,6 +159,12 @@ class TrainConfig:
                                                "when several processes train (accelerate launch) before it gives up "
                                                "with an error: a process that died never leaves the others hanging.",
                                         minimum=1.0)
+    sharding: str = option("auto", "With several processes: 'none' keeps the whole model on every process (DDP, "
+                                   "configs/accelerate/ddp.yaml); 'fsdp' shards the model and the LoRA over the "
+                                   "processes with torch FSDP2, each transformer block on its own (for models "
+                                   "that do not fit one GPU; configs/accelerate/fsdp.yaml); 'auto' takes 'fsdp' "
+                                   "when accelerate launches with an FSDP config, else 'none'. One process: none.",
+                           choices=("auto", "none", "fsdp"))
 
 
 SECTIONS: dict[str, type[DataclassInstance]] = {
@@ -173,7 +179,7 @@ SECTIONS: dict[str, type[DataclassInstance]] = {
 # Fields a resumed run may change: they extend or re-schedule the run without changing what was learned so far.
 RESUMABLE_CHANGES = frozenset({"train.iterations", "train.checkpoint_every", "train.keep_checkpoints",
                                "train.eval_every", "model.device", "train.output_dir",
-                               "train.distributed_timeout"})
+                               "train.distributed_timeout", "train.sharding"})
 
 
 @dataclass(frozen=True)

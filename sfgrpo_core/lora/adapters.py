@@ -124,11 +124,16 @@ def detach_lora(module: nn.Module) -> None:
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights in peft's key format ('<module>.lora_A.weight', ...)."""
+    """The adapter weights in peft's key format ('<module>.lora_A.weight', ...), whole tensors.
+
+    On a model sharded with FSDP (train.sharding fsdp) the shards are gathered: a collective that every process
+    calls."""
     from peft import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-    return {name: tensor.detach().clone() for name, tensor in state.items()}
+    return {name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+            for name, tensor in state.items()}
 
 
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -139,14 +144,32 @@ def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> N
         raise ValueError(f"LoRA weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     from peft import set_peft_model_state_dict
 
+    from ..training.distributed import shard_like
+
+    parameters = dict(module.named_parameters())
+    # A sharded model (train.sharding fsdp) takes each whole tensor cut the way its parameter is.
+    state = {name: shard_like(tensor, parameters.get(_parameter_name(name), tensor)) for name, tensor in state.items()}
     set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+
+
+def _parameter_name(key: str) -> str:
+    """The parameter behind a peft state-dict key: '<m>.lora_A.weight' -> '<m>.lora_A.default.weight'."""
+    for part in (".lora_A.", ".lora_B."):
+        key = key.replace(part, f"{part}{ADAPTER}.")
+    return key
 
 
 def save_lora(path: str | Path, module: nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str]) -> Path:
     """Write the adapter to ``path`` as safetensors (atomically), with rank/alpha/targets in its metadata."""
+    return write_lora(path, lora_state_dict(module), rank=rank, alpha=alpha, target_modules=target_modules)
+
+
+def write_lora(path: str | Path, weights: dict[str, torch.Tensor], *, rank: int, alpha: float,
+               target_modules: Sequence[str]) -> Path:
+    """Write adapter ``weights`` (``lora_state_dict``'s) to ``path`` as ``save_lora`` does."""
     metadata = {"format": FORMAT, "rank": str(rank), "alpha": str(alpha),
                 "target_modules": json.dumps(list(target_modules))}
-    atomic_save_safetensors(lora_state_dict(module), path, metadata)
+    atomic_save_safetensors(weights, path, metadata)
     return Path(path)
 
 

@@ -65,15 +65,16 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], skeleton: dict[str,
 
 
 def save_checkpoint(run_dir: str | Path, iteration: int, config: Config, lora: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, keep: int = 2) -> Path:
-    """Write checkpoint ``iteration`` (iterations completed) and prune all but the ``keep`` newest."""
+                    optimizer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``iteration`` (iterations completed): the LoRA weights and the optimizer's state_dict()
+    (whole tensors), and prune all but the ``keep`` newest."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter_{iteration:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         atomic_save_safetensors(lora, staging / "lora.safetensors")
-        optimizer_tensors, skeleton = optimizer_to_tensors(optimizer.state_dict())
+        optimizer_tensors, skeleton = optimizer_to_tensors(optimizer_state)
         atomic_save_safetensors(optimizer_tensors, staging / "optimizer.safetensors")
         state = {"iteration": iteration, "config": config.to_dict(), "optimizer": skeleton}
         atomic_write_text(staging / "state.json", json.dumps(state, indent=1))

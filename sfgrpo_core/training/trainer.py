@@ -22,11 +22,11 @@ from ..algorithm.schedule import flow_sigmas
 from ..algorithm.sde import get_step_function
 from ..atomic import atomic_write_text
 from ..config import RESUMABLE_CHANGES, Config, ConfigError, config_differences
-from ..lora.adapters import attach_lora, load_lora_state_dict, lora_state_dict, save_lora
+from ..lora.adapters import attach_lora, load_lora_state_dict, lora_state_dict, write_lora
 from ..models.base import VelocityModel
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .credit import CREDIT_METHODS, Credit, gather_scores
-from .distributed import SINGLE, Team, join
+from .distributed import SINGLE, Team, full_tensors, join, shard, sharded_optimizer_state
 from .figures import reward_curve_figure, save_png
 from .lr_schedule import LR_SCHEDULES
 from .metrics import CallCounter, MetricsLog
@@ -61,6 +61,7 @@ class Session:
     eval_prompts: tuple[str, ...] = ()
     sigmas: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     team: Team = SINGLE
+    sharded_blocks: int = 0  # transformer blocks FSDP shards on their own (train.sharding fsdp)
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,9 @@ class PhaseTimer:
 
 
 def build_session(config: Config, *, model: VelocityModel | None = None,
-                  reward: rewards.Reward | None = None) -> Session:
-    """Build (or take) the model and reward, attach a fresh LoRA and make the optimizer; writes nothing.
+                  reward: rewards.Reward | None = None, team: Team = SINGLE) -> Session:
+    """Build (or take) the model and reward, attach a fresh LoRA, shard the model when the team is sharded
+    (train.sharding) and make the optimizer; writes nothing.
 
     A given ``reward`` replaces the one config.train.reward names (front ends that loaded it already).
     """
@@ -103,6 +105,13 @@ def build_session(config: Config, *, model: VelocityModel | None = None,
     targets = config.lora.target_modules or model.default_lora_targets
     parameters = attach_lora(model.module, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=targets,
                              seed=seeding.derive_seed(config.train.seed, "lora"), fused=model.fused_lora_parts)
+    blocks = 0
+    if team.sharded:
+        if model.fused_lora_parts:
+            raise ConfigError("train.sharding: fsdp cannot shard a model with fused LoRA layers (a ComfyUI MODEL); "
+                              "use train.sharding none")
+        blocks = shard(model.module, team)  # the parameters are DTensors from here on, in the same order
+        parameters = [parameter for parameter in model.module.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     session = Session(
         config=config, model=model, optimizer=optimizer, run_dir=run_dir, lora_targets=tuple(targets),
@@ -110,6 +119,7 @@ def build_session(config: Config, *, model: VelocityModel | None = None,
         prompts=config.train.prompts or model.default_prompts,
         eval_prompts=config.train.eval_prompts or model.default_eval_prompts,
         sigmas=flow_sigmas(config.sampler.steps, config.sampler.shift),
+        sharded_blocks=blocks,
     )
     model.encode_prompts(list(session.prompts) + list(session.eval_prompts))  # fail now on a bad prompt
     return session
@@ -127,7 +137,7 @@ def restore(session: Session, checkpoint: Checkpoint) -> None:
         raise ConfigError(f"cannot resume with changed {', '.join(changed)}: the checkpoint was trained with "
                           "other values; restore them or start a new run in another output_dir")
     load_lora_state_dict(session.model.module, checkpoint.lora)
-    session.optimizer.load_state_dict(checkpoint.optimizer_state)
+    session.optimizer.load_state_dict(sharded_optimizer_state(checkpoint.optimizer_state, session.optimizer))
     session.start_iteration = checkpoint.iteration
 
 
@@ -141,7 +151,7 @@ def prepare(config: Config, *, model: VelocityModel | None = None, reward: rewar
             existing run.
     """
     run_dir = Path(config.train.output_dir)
-    team = join(config.model.device, config.train.distributed_timeout)
+    team = join(config.model.device, config.train.distributed_timeout, config.train.sharding)
     if config.train.groups_per_iteration % team.size:
         raise ConfigError(f"train.groups_per_iteration: {config.train.groups_per_iteration} groups cannot be split "
                           f"evenly over {team.size} processes; use a multiple of {team.size}")
@@ -156,7 +166,7 @@ def prepare(config: Config, *, model: VelocityModel | None = None, reward: rewar
     if team.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     team.barrier()
-    session = build_session(config, model=model, reward=reward)
+    session = build_session(config, model=model, reward=reward, team=team)
     session.team = team
     if resume and checkpoint_path is not None:
         restore(session, load_checkpoint(checkpoint_path))
@@ -310,6 +320,9 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
     iterations = range(session.start_iteration, config.train.iterations)
     if progress and main:
         print(batch_arithmetic(config, team.size), file=sys.stderr, flush=True)
+        if team.sharded:
+            print(f"sfgrpo: FSDP shards the model over the {team.size} processes: {session.sharded_blocks} "
+                  "transformer blocks one by one, then the rest", file=sys.stderr, flush=True)
     bar = _progress_bar(iterations, progress and main)
     for iteration in bar:
         timer = PhaseTimer()
@@ -339,9 +352,11 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{stats.approx_kl:.2e}")
         done = iteration + 1
         if done % config.train.checkpoint_every == 0 or done == config.train.iterations:
-            if main:  # every process holds the same weights and optimizer state
-                save_checkpoint(session.run_dir, done, config, lora_state_dict(session.model.module),
-                                session.optimizer, keep=config.train.keep_checkpoints)
+            # Every process gathers (a collective when sharded); the main one writes.
+            lora, optimizer_state = lora_state_dict(session.model.module), full_tensors(session.optimizer.state_dict())
+            if main:
+                save_checkpoint(session.run_dir, done, config, lora, optimizer_state,
+                                keep=config.train.keep_checkpoints)
             team.barrier()
     if config.train.eval_every and session.start_iteration < config.train.iterations:
         final_evaluation = evaluate(session)  # a collective: every process takes part
@@ -350,9 +365,10 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
     lora_path = session.run_dir / "lora.safetensors"
     curve = reward_curve_figure(log.records, title=f"{config.train.reward}: credit {config.credit.method}, sde "
                                                    f"{config.sampler.sde}, seed {config.train.seed}")
+    lora = lora_state_dict(session.model.module)  # every process: a collective when sharded
     if main:
-        save_lora(lora_path, session.model.module, rank=config.lora.rank, alpha=config.lora.alpha,
-                  target_modules=session.lora_targets)
+        write_lora(lora_path, lora, rank=config.lora.rank, alpha=config.lora.alpha,
+                   target_modules=session.lora_targets)
         _export_lora(session.model, lora_path)
         save_png(curve, session.run_dir / "reward_curve.png")
     team.barrier()

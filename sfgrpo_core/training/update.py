@@ -55,6 +55,18 @@ def trainable_transitions(active: torch.Tensor, advantages: torch.Tensor, *,
     return members, steps
 
 
+def _idle_pass(model: VelocityModel, rollout: Rollout, step: int, step_fn: StepFunction,
+               config: OptimConfig) -> None:
+    """A forward and backward pass that adds nothing to any gradient. Each pass through a sharded model (train.sharding
+    fsdp) gathers and reduces its shards with the other processes, so all of them must make as many passes; this
+    process has fewer transitions in the minibatch than another."""
+    members, steps = torch.zeros(1, dtype=torch.long), torch.full((1,), step, dtype=torch.long)
+    if config.kl_beta > 0:
+        with torch.no_grad(), adapter_disabled(model.module):
+            recompute_steps(model, rollout, members, steps, step_fn)
+    (recompute_steps(model, rollout, members, steps, step_fn).mean.sum() * 0.0).backward()
+
+
 def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollout: Rollout,
                   advantages: torch.Tensor, config: OptimConfig, step_fn: StepFunction,
                   generator: torch.Generator, team: Team = SINGLE) -> UpdateStats:
@@ -84,7 +96,10 @@ def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollou
         optimizer.zero_grad(set_to_none=True)
         mine = minibatch[(members[minibatch] >= rows.start) & (members[minibatch] < rows.stop)]
         micro_size = config.micro_batch_size or max(len(mine), 1)
-        for micro in torch.split(mine, micro_size):
+        micros = [micro for micro in torch.split(mine, micro_size) if len(micro)]  # split(empty) gives one empty
+        for _ in range(team.largest(len(micros)) - len(micros) if team.sharded else 0):
+            _idle_pass(model, rollout, int(steps[0]), step_fn, config)
+        for micro in micros:
             m, k = members[micro] - rows.start, steps[micro]  # rows of this process's rollout
             step = recompute_steps(model, rollout, m, k, step_fn)
             result = losses.grpo_loss(step.log_prob, rollout.log_probs[m, k].to(step.log_prob.device),

@@ -68,7 +68,8 @@ def test_checkpoint_roundtrip_keeps_everything_and_prunes(tmp_path):
         net(x, sigma, condition).pow(2).mean().backward()
         optimizer.step()
     for iteration in (1, 2, 3):
-        checkpoint.save_checkpoint(tmp_path, iteration, Config(), lora.lora_state_dict(net), optimizer, keep=2)
+        checkpoint.save_checkpoint(tmp_path, iteration, Config(), lora.lora_state_dict(net), optimizer.state_dict(),
+                                   keep=2)
     folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert folders == ["iter_000002", "iter_000003"]
     latest = checkpoint.latest_checkpoint(tmp_path)
@@ -90,14 +91,14 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     net = _net()
     parameters = lora.attach_lora(net, rank=2, alpha=2, target_modules=["output"])
     optimizer = torch.optim.AdamW(parameters)
-    checkpoint.save_checkpoint(tmp_path, 1, Config(), lora.lora_state_dict(net), optimizer)
+    checkpoint.save_checkpoint(tmp_path, 1, Config(), lora.lora_state_dict(net), optimizer.state_dict())
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "atomic_write_text", crash)
     with pytest.raises(OSError):
-        checkpoint.save_checkpoint(tmp_path, 2, Config(), lora.lora_state_dict(net), optimizer)
+        checkpoint.save_checkpoint(tmp_path, 2, Config(), lora.lora_state_dict(net), optimizer.state_dict())
     assert checkpoint.latest_checkpoint(tmp_path).name == "iter_000001"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["iter_000001"]
 
