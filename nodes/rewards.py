@@ -19,6 +19,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..sfgrpo_core import rewards
+from ..sfgrpo_core.finite_json import NonFiniteJSONError, loads_finite
 from ..sfgrpo_core.images import to_uint8
 from .prompts import prompt_lines
 from .types import CATEGORY as PACK_CATEGORY
@@ -38,7 +39,9 @@ def load_reward(name: str, options: str) -> LoadedReward:
         raise ValueError(f"reward: unknown reward {name!r}; choose one of: {', '.join(rewards.available())}")
     text = options.strip() or "{}"
     try:
-        parsed = json.loads(text)
+        parsed = loads_finite(text)
+    except NonFiniteJSONError as error:
+        raise ValueError(f"options: {error}") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"options: not valid JSON ({error}); write a JSON object such as {{\"quality\": 90}}, "
                          f"or {{}} for the defaults") from None

@@ -208,9 +208,8 @@ def _launch(processes: int, argv: list[str]) -> int:
 
 
 def _rewards(args: argparse.Namespace) -> int:
-    import json
-
     from . import rewards
+    from .finite_json import loads_finite
 
     if args.command == "rewards":
         for name in rewards.available():
@@ -219,7 +218,7 @@ def _rewards(args: argparse.Namespace) -> int:
     from .rewards.remote import RewardServer
 
     try:
-        options = json.loads(args.options)
+        options = loads_finite(args.options)
         if not isinstance(options, dict):
             raise ValueError("expected a JSON object")
         server = RewardServer(args.reward, options, host=args.host, port=args.port)

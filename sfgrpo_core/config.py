@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .algorithm.sde import SDE_NAMES
+from .finite_json import NonFiniteJSONError, loads_finite
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -233,7 +234,9 @@ class Config:
 
 def _json_object(path: str, text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = loads_finite(text)
+    except NonFiniteJSONError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON ({error}); write e.g. '{{\"key\": 1}}'") from None
     if not isinstance(value, dict):

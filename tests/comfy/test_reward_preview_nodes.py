@@ -218,6 +218,8 @@ def test_score_refuses_a_prompt_count_that_fits_neither_rule(engine):
     ("[90]", "options: expected a JSON object"),
     ('{"quality": 500}', "options: reward 'jpeg_compressibility' rejected"),
     ('{"qualty": 90}', "options: reward 'jpeg_compressibility' rejected"),
+    ('{"quality": NaN}', "options: NaN is not a finite number"),
+    ('{"quality": Infinity}', "options: Infinity is not a finite number"),
 ])
 def test_load_reward_refuses_bad_options(engine, options, expected):
     graph = _score_graph(_two_flat_images(0, 0), _load_reward("jpeg_compressibility", options), "")

@@ -33,6 +33,10 @@ def test_every_field_has_help_text():
         ({"sampler": {"steps": 2.5}}, "sampler.steps: expected an integer"),
         ({"sampler": {"eta": 1.5}}, "sampler.eta: must be <= 1.0"),
         ({"train": {"reward_options": "{bad"}}, "train.reward_options: not valid JSON"),
+        ({"train": {"reward_options": '{"weights": [1, NaN]}'}}, "train.reward_options: NaN is not a finite number"),
+        ({"model": {"options": '{"scale": 1e999}'}}, "model.options: 1e999 is not a finite number"),
+        ({"model": {"options": '{"a": {"b": -Infinity}}'}}, "model.options: -Infinity is not a finite number"),
+        ({"optim": {"lr_final_ratio": float("nan")}}, "optim.lr_final_ratio"),
         ({"train": {"prompts": [1, 2]}}, "train.prompts: expected a list of strings"),
     ],
 )

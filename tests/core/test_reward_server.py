@@ -170,3 +170,7 @@ def test_the_cli_serves_a_reward_until_stopped():
     bad = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "reward-server", "--reward", "nope"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown reward 'nope'" in bad.stderr
+    not_finite = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "reward-server", "--reward",
+                                 "jpeg_incompressibility", "--options", '{"quality": NaN}'],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert not_finite.returncode == 2 and "--options: NaN is not a finite number" in not_finite.stderr
