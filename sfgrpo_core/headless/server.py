@@ -195,7 +195,8 @@ class ComfyServer:
 
     def __init__(self, run_dir: str | Path, *, comfyui: Path | None = None, port: int | None = None,
                  pack_root: Path = PACK_ROOT, extra_model_paths: Mapping[str, Sequence[str | Path]] | None = None,
-                 python: str = sys.executable, start_timeout: float = 120.0, stop_timeout: float = 15.0) -> None:
+                 python: str = sys.executable, start_timeout: float = 120.0, stop_timeout: float = 15.0,
+                 cpu: bool = True) -> None:
         """
         Args:
             run_dir: the folder for everything the server writes (created).
@@ -206,6 +207,7 @@ class ComfyServer:
             python: the interpreter that runs ComfyUI's main.py.
             start_timeout: seconds to wait for ``GET /system_stats`` to answer.
             stop_timeout: seconds between SIGINT and SIGKILL when stopping.
+            cpu: run ComfyUI with --cpu (the default: tests and the demo); False lets it use the GPU.
         """
         self.run_dir = Path(run_dir).resolve()
         self.comfyui = comfyui
@@ -215,6 +217,7 @@ class ComfyServer:
         self.python = python
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.cpu = cpu
         self.log_path = self.run_dir / "comfyui.log"
         self.output_dir = self.run_dir / "output"
         self.models_dir = self.run_dir / "models"
@@ -240,7 +243,8 @@ class ComfyServer:
             raise ComfyUIError("the server is running already")
         comfyui = self.comfyui or ensure_comfyui()
         self.port = self.port or free_port()
-        command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        command = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+                   "--port", str(self.port),
                    "--extra-model-paths-config", str(self._write_layout()),
                    "--output-directory", str(self.output_dir), "--temp-directory", str(self.run_dir / "temp"),
                    "--input-directory", str(self.input_dir), "--user-directory", str(self.run_dir / "user"),
