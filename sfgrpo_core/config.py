@@ -94,6 +94,10 @@ class OptimConfig:
                               choices=("constant", "cosine"))
     lr_final_ratio: float = option(0.1, "With lr_schedule cosine: the last iteration's lr as a fraction of lr.",
                                    minimum=0.0, maximum=1.0)
+    lr_decay_iterations: int = option(0, "With lr_schedule cosine: the iterations the decay spans (lr stays at the "
+                                         "floor after them); 0 = train.iterations. Set it when a run will be "
+                                         "extended by resuming with more iterations, so its schedule stays put.",
+                                      minimum=0)
     weight_decay: float = option(1e-4, "AdamW weight decay.", minimum=0.0)
     grad_clip: float = option(1.0, "Gradient-norm clip per optimizer step (0 disables it).", minimum=0.0)
     clip_range: float = option(1e-4, "PPO clip eps of the importance ratio. 1e-4 is calibrated to log-probs "

@@ -42,6 +42,7 @@ class Arm:
     description: str = ""
 
 
+PAPER_ITERATIONS = 150  # the full plan's budget (the cosine arm decays over it, whatever stage it trains to)
 ARMS: dict[str, Arm] = {
     "flow_grpo": Arm(FLOW_GRPO_CONFIG, {}, "Flow-GRPO as published (configs/miniworld_flow_grpo.yaml)"),
     "stepwise": Arm(STEPWISE_CONFIG, {}, "Stepwise-Flow-GRPO: DDIM SDE, gains of T'=2 completions, joint "
@@ -61,7 +62,8 @@ ARMS: dict[str, Arm] = {
                                "rewards barely differ gets small advantages instead of unit ones"),
     "stepwise_lr": Arm(STEPWISE_CONFIG, {"optim.lr": 3e-4}, "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's "
                                                             "default; the recipes use 1e-3)"),
-    "stepwise_cosine": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1},
+    "stepwise_cosine": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
+                                             "optim.lr_decay_iterations": PAPER_ITERATIONS},
                            "Stepwise with lr 1e-3 decayed along a half cosine to 1e-4 at the last iteration"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
@@ -86,8 +88,8 @@ class Plan:
 
 
 def full_plan(arms: Sequence[str] = tuple(ARMS)) -> Plan:
-    return Plan(arms=tuple(arms), main_seeds=(0, 1, 2), ablation_seeds=(0,), iterations=150, eval_every=25,
-                eval_prompts_per_category=8, eval_samples=8)
+    return Plan(arms=tuple(arms), main_seeds=(0, 1, 2), ablation_seeds=(0,), iterations=PAPER_ITERATIONS,
+                eval_every=25, eval_prompts_per_category=8, eval_samples=8)
 
 
 def quick_plan(arms: Sequence[str] = MAIN_ARMS) -> Plan:

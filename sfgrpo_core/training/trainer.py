@@ -209,7 +209,8 @@ def assign_credit(session: Session, recorded: Rollout) -> Credit:
 def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: int) -> UpdateStats:
     """Update phase: the clipped GRPO loss over active transitions, at the iteration's scheduled lr."""
     optim = session.config.optim
-    lr = LR_SCHEDULES[optim.lr_schedule](optim.lr, iteration, session.config.train.iterations, optim.lr_final_ratio)
+    span = optim.lr_decay_iterations or session.config.train.iterations
+    lr = LR_SCHEDULES[optim.lr_schedule](optim.lr, iteration, span, optim.lr_final_ratio)
     for group in session.optimizer.param_groups:
         group["lr"] = lr
     generator = seeding.generator(session.config.train.seed, iteration, "shuffle")

@@ -123,6 +123,9 @@ def test_the_cosine_schedule_sets_each_iterations_lr(toy_config):
                                    "train.iterations": 3, "train.eval_every": 0})
     records = trainer.train(config).records
     assert [r["lr"] for r in records] == pytest.approx([1e-3, 5.5e-4, 1e-4])
+    # A decay spanning 5 iterations stays put when a run trains (or is extended) to fewer or more of them.
+    spanned = config.replace(**{"optim.lr_decay_iterations": 5, "train.output_dir": config.train.output_dir + "2"})
+    assert [r["lr"] for r in trainer.train(spanned).records] == pytest.approx(lrs[:3])
 
 
 def test_missing_rewards_are_counted_and_left_out(toy_config):
