@@ -269,10 +269,18 @@ def require_finite(iteration: int, recorded: Rollout, stats: UpdateStats, model:
         raise NonFiniteError(f"iteration {iteration}: the rollout produced non-finite latents (NaN/inf); {advice}")
     if not math.isfinite(stats.loss):
         raise NonFiniteError(f"iteration {iteration}: the loss is {stats.loss}; {advice}")
-    bad = [name for name, tensor in lora_state_dict(model.module).items() if not bool(torch.isfinite(tensor).all())]
-    if bad:
-        raise NonFiniteError(f"iteration {iteration}: LoRA weights became non-finite ({bad[0]}, {len(bad)} in all); "
-                             f"{advice}")
+    # The trainable (LoRA) parameters themselves, no copy; a sharded model's own shards, agreed across processes.
+    bad = [name for name, parameter in model.module.named_parameters() if parameter.requires_grad
+           and not bool(torch.isfinite(_local(parameter.detach())).all())]
+    if not team.all_true(not bad):
+        raise NonFiniteError(f"iteration {iteration}: LoRA weights became non-finite "
+                             f"({bad[0] + ', ' + str(len(bad)) + ' here' if bad else 'on another process'}); {advice}")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter's shard on this process; any other tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assigned: Credit, stats: UpdateStats,
