@@ -49,7 +49,8 @@ def load_reward(name: str, options: str) -> LoadedReward:
         raise ValueError(f"options: expected a JSON object of keyword options such as {{\"quality\": 90}}, got "
                          f"{type(parsed).__name__}")
     options_json = json.dumps(parsed, sort_keys=True)
-    key = (name, options_json)
+    # The factory too: a reward registered again under the same name (a plug-in reloaded) is built anew.
+    key = (name, options_json, id(rewards.factory(name)))
     if key not in _LOADED:
         try:
             reward = rewards.load(name, **parsed)
@@ -66,7 +67,7 @@ def load_reward(name: str, options: str) -> LoadedReward:
 
 # Rewards built so far, most recently used last: a heavy reward model is loaded once, not at every run of a graph.
 LOADED_REWARDS_KEPT = 2
-_LOADED: OrderedDict[tuple[str, str], LoadedReward] = OrderedDict()
+_LOADED: OrderedDict[tuple[str, str, int], LoadedReward] = OrderedDict()
 
 
 @contextmanager

@@ -131,6 +131,11 @@ def _load_entry_points() -> None:
             log.warning("sfgrpo reward %r: %s", entry.name, message)
 
 
+def factory(name: str) -> RewardFactory | None:
+    """The factory registered under ``name`` now, or None."""
+    return _REGISTRY.get(name)
+
+
 def available() -> list[str]:
     """Names of the registered rewards (built-in, registered in this process, and installed plug-ins)."""
     _load_entry_points()

@@ -202,6 +202,13 @@ def test_a_model_backed_reward_is_loaded_once_and_on_the_compute_device_only_whi
     reward = next(item.reward for key, item in loaded.items() if key[0] == "test_tiny_torch")
     assert reward.head.weight.device.type == offload.type  # back on the offload device after scoring
 
+    class _RegisteredAgain(_TinyTorchReward):
+        pass
+
+    monkeypatch.setitem(pack_rewards._REGISTRY, "test_tiny_torch", _RegisteredAgain)  # a plug-in reloaded
+    _run_ok(engine, graph)
+    assert _RegisteredAgain.built == 2 and _TinyTorchReward.built == 1  # the new factory built once more
+
 
 def test_score_refuses_a_prompt_count_that_fits_neither_rule(engine):
     graph = _score_graph(_two_flat_images(0xFF0000, 0x00FF00), _load_reward("jpeg_compressibility"),
