@@ -151,6 +151,41 @@ async function main() {
       const clip = await trainNodeClip(page);
       if (clip) await page.screenshot({ path: join(options.outDir, "reload.png"), clip });
     }
+    // A reload in the middle of a run: a new 3-iteration run, the page reloaded after its first event; the chart
+    // refills from the route and the run's later events carry on on the same chart.
+    if (route?.ok) {
+      const midRunName = `${runName}_mid`;
+      result.mid_run_name = midRunName;
+      await page.evaluate(({ runName, training }) => {
+        const app = window.comfyAPI.app.app;
+        const node = app.graph._nodes.find((candidate) => candidate.type === "SFGRPOTrainLoRA");
+        for (const [name, value] of Object.entries({ ...training, run_name: runName })) {
+          node.widgets.find((widget) => widget.name === name).value = value;
+        }
+        for (const save of app.graph._nodes.filter((candidate) => candidate.type === "SaveLoRA")) {
+          save.widgets.find((widget) => widget.name === "prefix").value = `loras/${runName}`;
+        }
+        window.__sfgrpoMid = { events: 0 };
+        window.comfyAPI.api.api.addEventListener("sfgrpo.training", () => { window.__sfgrpoMid.events += 1; });
+      }, { runName: midRunName, training: { ...SMALL_TRAINING, iterations: 3 } });
+      await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0));
+      await page.waitForFunction(() => window.__sfgrpoMid.events >= 1, null,
+        { timeout: options.timeoutS * 1000, polling: 100 });
+      await page.reload({ waitUntil: "domcontentloaded" });
+      await waitForApp(page);
+      result.mid_run_reloaded_at = await page.evaluate(async (name) => {
+        const answer = await fetch(`/sfgrpo/training?run_name=${name}`).then((response) => response.json());
+        return answer.records?.filter((record) => "reward_mean" in record).length ?? 0;
+      }, midRunName);
+      await page.waitForFunction(() => {
+        const node = window.comfyAPI.app.app.graph._nodes.find((candidate) => candidate.type === "SFGRPOTrainLoRA");
+        return node?.sfgrpoTraining?.points.length === 3 && /done/.test(node.sfgrpoView?.status.textContent ?? "");
+      }, null, { timeout: options.timeoutS * 1000, polling: 250 }).catch(() => {});
+      result.mid_run = await nodeView(page);
+      await focusTrainNode(page);
+      const clip = await trainNodeClip(page);
+      if (clip) await page.screenshot({ path: join(options.outDir, "mid_run.png"), clip });
+    }
     result.timings.total_s = since(started);
     save();
   } finally {

@@ -198,6 +198,15 @@ def test_the_chart_refills_after_a_page_reload_when_the_route_is_registered(brow
     assert reloaded["status"].startswith("iteration 2/2"), reloaded["status"]
 
 
+def test_a_reload_in_the_middle_of_a_run_keeps_the_chart_going(browser_run):
+    """Reloaded after the first of 3 iterations: the route refills what was done, the later events follow on."""
+    result, _ = browser_run
+    assert result["mid_run_reloaded_at"] < 3  # the page came back while the run was still going
+    mid = result["mid_run"]
+    assert [point["iteration"] for point in mid["state_points"]] == [0, 1, 2], mid
+    assert mid["chart_points"] == 3 and mid["status"].startswith("iteration 3/3") and "done" in mid["status"], mid
+
+
 def test_the_screenshots_show_the_page_the_node_and_the_chart(browser_run):
     result, out = browser_run
     for name in ("page.png", "train_node.png", "chart.png"):

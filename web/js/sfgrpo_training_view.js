@@ -4,8 +4,9 @@
 //   trainer after every iteration, see nodes/train.py TrainingProgress) adds a point to a small chart drawn on the
 //   node: train reward mean with a +-std band and the held-out reward, plus a status line (iteration i/N, seconds
 //   per iteration, ETA), and under the chart the event's x0-estimate strip: the clean image each denoising step of
-//   the iteration's first trajectory points at. Nothing is drawn before the first event. After a page reload the chart refills from
-//   GET /sfgrpo/training?run_name=<run_name> (nodes/routes.py) when that route is there.
+//   the iteration's first trajectory points at. Nothing is drawn before the first event. After a page reload the
+//   chart refills from GET /sfgrpo/training?run_name=<run_name> (nodes/routes.py) when that route is there; a run
+//   still going carries on on the same chart (iterations missed while reloading are fetched again).
 // * Score and Train LoRA (SFGRPOScore, SFGRPOTrainLoRA): the node's text output (the executed message's "text",
 //   ui.PreviewText) is shown on the node in a read-only box, as the stock Preview Any node does.
 //
@@ -81,15 +82,31 @@ class TrainingState {
       this.points = this.points.filter((point) => point.iteration < record.iteration);
       this.arrivals = [];
     }
-    this.points.push({
+    this.points.push(TrainingState.point(record));
+    if (now !== undefined) this.arrivals.push(now);
+    if (finite(record.seconds_elapsed)) this.lastElapsed = record.seconds_elapsed;
+    return true;
+  }
+
+  /** The records of iterations before the last point that the chart lacks (a page reloaded mid-run: events it
+   *  missed, or that came before the refill); returns whether any was added. */
+  merge(records) {
+    const have = new Set(this.points.map((point) => point.iteration));
+    const last = this.points.length ? this.points[this.points.length - 1].iteration : Infinity;
+    const missing = records.filter((record) => finite(record.iteration) && !have.has(record.iteration) &&
+      record.iteration < last);
+    if (!missing.length) return false;
+    this.points = [...this.points, ...missing.map(TrainingState.point)].sort((a, b) => a.iteration - b.iteration);
+    return true;
+  }
+
+  static point(record) {
+    return {
       iteration: record.iteration,
       reward_mean: finite(record.reward_mean) ? record.reward_mean : null,
       reward_std: finite(record.reward_std) ? record.reward_std : null,
       eval_reward_mean: finite(record.eval_reward_mean) ? record.eval_reward_mean : null,
-    });
-    if (now !== undefined) this.arrivals.push(now);
-    if (finite(record.seconds_elapsed)) this.lastElapsed = record.seconds_elapsed;
-    return true;
+    };
   }
 
   secondsPerIteration() {
@@ -276,7 +293,7 @@ function onTrainingEvent(event) {
     // The run the chart was refilled with after a reload, going on: keep its points. Anything else: a new run.
     const last = state.points[state.points.length - 1];
     const continues = state.source === "reloaded" && state.promptId === null && last &&
-      detail.record?.iteration === last.iteration + 1;
+      detail.record?.iteration > last.iteration;
     if (continues) {
       state.promptId = detail.prompt_id;
       state.source = "live";
@@ -284,7 +301,9 @@ function onTrainingEvent(event) {
       state.reset(detail.prompt_id);
     }
   }
+  const gap = state.points.length && detail.record?.iteration > state.points[state.points.length - 1].iteration + 1;
   if (!state.add(detail.record, performance.now())) return;
+  if (gap) refill(node).catch(() => {}); // events missed while the page reloaded: the route has them
   const estimates = detail.estimates;
   if (estimates && typeof estimates.png === "string" && DATA_PNG.test(estimates.png) && finite(estimates.steps)) {
     state.estimates = { png: estimates.png, steps: estimates.steps, iteration: detail.record.iteration };
@@ -297,7 +316,7 @@ function onTrainingEvent(event) {
 /** After a page reload: refill the chart from the newest run of the node's run_name (GET /sfgrpo/training). */
 async function refill(node) {
   const runName = widgetValue(node, "run_name");
-  if (!runName || node.sfgrpoTraining?.points.length) return;
+  if (!runName || node.sfgrpoTraining?.source === "reloaded") return;
   let response;
   try {
     response = await api.fetchApi(`/sfgrpo/training?run_name=${encodeURIComponent(runName)}`, { cache: "no-store" });
@@ -306,11 +325,17 @@ async function refill(node) {
   }
   if (!response?.ok) return;
   const data = await response.json().catch(() => null);
-  if (!data || !Array.isArray(data.records) || !data.records.length || node.sfgrpoTraining?.points.length) return;
+  if (!data || !Array.isArray(data.records) || !data.records.length) return;
+  const records = data.records.filter((record) => "reward_mean" in record);
   const state = trainingState(node);
-  state.reset(null, "reloaded");
-  for (const record of data.records) if ("reward_mean" in record) state.add(record);
-  if (!state.points.length) return;
+  if (state.points.length) {
+    // Live events of the run got here first, or some were missed while the page reloaded: fill in the rest.
+    if (!state.merge(records)) return;
+  } else {
+    state.reset(null, "reloaded");
+    for (const record of records) state.add(record);
+    if (!state.points.length) return;
+  }
   if (finite(data.iterations)) state.total = data.iterations;
   const view = chartView(node);
   view.state = state;
