@@ -160,13 +160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"sfgrpo: config error: {error}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") != "0":  # several processes: the main one reports
-        return 0
-    evaluations = [r["eval_reward_mean"] for r in result.records if r.get("eval_reward_mean") is not None]
-    if len(evaluations) >= 2:
-        print(f"held-out reward {evaluations[0]:.4f} -> {evaluations[-1]:.4f}")
-    print(f"LoRA: {result.lora_path}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
-          f"reward curve: {result.run_dir / 'reward_curve.png'}")
+    if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports
+        evaluations = [r["eval_reward_mean"] for r in result.records if r.get("eval_reward_mean") is not None]
+        if len(evaluations) >= 2:
+            print(f"held-out reward {evaluations[0]:.4f} -> {evaluations[-1]:.4f}")
+        print(f"LoRA: {result.lora_path}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
+              f"reward curve: {result.run_dir / 'reward_curve.png'}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Even after the process group is destroyed, gloo's threads (kept alive by FSDP's and DTensor's objects)
+        # can abort the interpreter's shutdown ("terminate called without an active exception", 1 run in 3 with
+        # train.sharding fsdp here). Everything is written (atomically) and closed: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
