@@ -12,10 +12,8 @@
 // tests/comfy/test_browser.py's), 2 when it could not.
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
-import { chromium } from "playwright-core";
+import { launchChromium, openComfyPage } from "./comfy_page.mjs";
 
-const CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 // Train LoRA at test size (the widget names of nodes/train.py) and the caption lists at one per category.
 const ONE_ITERATION = { iterations: 1, group_size: 2, groups_per_iteration: 1, steps: 4, substeps: 1,
   eval_samples: 1, checkpoint_every: 1, eval_every: 1 };
@@ -45,28 +43,9 @@ async function main() {
     .sort();
   const result = { url: options.url, console: [], page_errors: [], examples: {} };
   const save = () => writeFileSync(join(options.outDir, "result.json"), JSON.stringify(result, null, 2));
-  const browser = await chromium.launch({ executablePath: options.chromium, headless: true, args: CHROMIUM_ARGS });
+  const browser = await launchChromium(options.chromium);
   try {
-    const setting = await fetch(`${options.url}/settings/Comfy.TutorialCompleted`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: "true" });
-    if (!setting.ok) throw new Error(`POST /settings/Comfy.TutorialCompleted: HTTP ${setting.status}`);
-    const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
-    await context.addInitScript(() => localStorage.setItem("vueNodesBannerDismissed", "true"));
-    const page = await context.newPage();
-    page.setDefaultTimeout(120_000);
-    page.on("console", (message) => {
-      if (["error", "warning"].includes(message.type())) {
-        result.console.push({ type: message.type(), text: message.text(), url: message.location()?.url ?? "" });
-      }
-    });
-    page.on("pageerror", (error) => result.page_errors.push(String(error?.stack ?? error)));
-    await page.goto(options.url + "/", { waitUntil: "domcontentloaded" });
-    await page.waitForFunction(() => {
-      const app = window.comfyAPI?.app?.app;
-      return Boolean(app?.graph && app.canvas && app.extensions?.length &&
-        window.comfyAPI?.api?.api?.socket?.readyState === 1);
-    }, null, { timeout: 120_000, polling: 200 });
-    await page.keyboard.press("Escape");
+    const page = await openComfyPage(browser, options.url, result, { width: 1600, height: 1000 });
     await page.waitForTimeout(500);
     await page.evaluate(() => { // once: what each queued example ends with, and its training events
       const { api } = window.comfyAPI.api;

@@ -11,10 +11,8 @@
 // when it could not.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { launchChromium, openComfyPage, waitForApp } from "./comfy_page.mjs";
 
-const CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 // The Train LoRA node at test size (the widget names of nodes/train.py) and the caption lists at one per category.
 const SMALL_TRAINING = { iterations: 2, group_size: 2, groups_per_iteration: 2, steps: 4, substeps: 1,
   eval_samples: 1, checkpoint_every: 1, eval_every: 1 };
@@ -43,26 +41,10 @@ async function main() {
   const started = Date.now();
   const result = { url: options.url, console: [], page_errors: [], timings: {} };
   const save = () => writeFileSync(join(options.outDir, "result.json"), JSON.stringify(result, null, 2));
-  const browser = await chromium.launch({ executablePath: options.chromium, headless: true, args: CHROMIUM_ARGS });
+  const browser = await launchChromium(options.chromium);
   try {
     result.browser_version = browser.version();
-    // A returning user: no template browser on first load (Comfy.TutorialCompleted) and no "Nodes 2.0" banner.
-    const setting = await fetch(`${options.url}/settings/Comfy.TutorialCompleted`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: "true" });
-    if (!setting.ok) throw new Error(`POST /settings/Comfy.TutorialCompleted: HTTP ${setting.status}`);
-    const context = await browser.newContext({ viewport: { width: 1600, height: 1400 } });
-    await context.addInitScript(() => localStorage.setItem("vueNodesBannerDismissed", "true"));
-    const page = await context.newPage();
-    page.setDefaultTimeout(120_000);
-    page.on("console", (message) => {
-      if (["error", "warning"].includes(message.type())) {
-        result.console.push({ type: message.type(), text: message.text(), url: message.location()?.url ?? "" });
-      }
-    });
-    page.on("pageerror", (error) => result.page_errors.push(String(error?.stack ?? error)));
-
-    await page.goto(options.url + "/", { waitUntil: "domcontentloaded" });
-    await waitForApp(page);
+    const page = await openComfyPage(browser, options.url, result, { width: 1600, height: 1400 });
     result.timings.page_ready_s = since(started);
     result.extension_registered = await page.evaluate(
       () => window.comfyAPI.app.app.extensions.some((extension) => extension.name === "sfgrpo.TrainingView"));
@@ -191,14 +173,6 @@ async function main() {
   } finally {
     await browser.close();
   }
-}
-
-async function waitForApp(page) {
-  await page.waitForFunction(() => {
-    const app = window.comfyAPI?.app?.app;
-    return Boolean(app?.graph && app.canvas && app.extensions?.length && window.comfyAPI?.api?.api?.socket?.readyState === 1);
-  }, null, { timeout: 120_000, polling: 200 });
-  await page.keyboard.press("Escape"); // whatever dialog the frontend opened on its own
 }
 
 /** What the Train LoRA and Score nodes show. */

@@ -69,50 +69,47 @@ def ensure_node_modules() -> str:
     return node
 
 
+def run_check(script: Path, server, out: Path, *arguments: str, timeout: float) -> dict:
+    """Run a check script (node SCRIPT URL [ARGUMENTS] OUT) against ``server`` and return its result.json; Chromium
+    and the npm packages are installed first when missing."""
+    chromium = ensure_chromium()
+    node = ensure_node_modules()
+    command = [node, str(script), server.url, *arguments, str(out), "--timeout-s", "600", "--chromium", str(chromium)]
+    try:
+        completed = _run(command, cwd=BROWSER_DIR, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{script.name} ran past {timeout:.0f} s:\n" + server.log_tail(), pytrace=False)
+    result_file = out / "result.json"
+    if completed.returncode != 0 or not result_file.is_file():
+        pytest.fail(f"{script.name} failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n"
+                    f"{completed.stderr[-3000:]}\nserver log:\n{server.log_tail()}", pytrace=False)
+    return json.loads(result_file.read_text())
+
+
+def keep_artifacts(out: Path, names: dict[str, str]) -> None:
+    """Copy screenshots of ``out`` (name -> name under tests/browser/artifacts/) that the script wrote."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name, target in names.items():
+        if (out / name).is_file():
+            shutil.copyfile(out / name, ARTIFACTS / target)
+
+
 @pytest.fixture(scope="module")
 def browser_run(comfy_server, tmp_path_factory) -> tuple[dict, Path]:
     """The check script's result.json and its folder (screenshots), after one small training run in the page."""
-    chromium = ensure_chromium()
-    node = ensure_node_modules()
     out = tmp_path_factory.mktemp("browser")
-    command = [node, str(SCRIPT), comfy_server.url, str(out), "--timeout-s", "600", "--chromium", str(chromium)]
-    try:
-        completed = _run(command, cwd=BROWSER_DIR, timeout=900)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the browser check ran past 900 s:\n" + comfy_server.log_tail(), pytrace=False)
-    result_file = out / "result.json"
-    if completed.returncode != 0 or not result_file.is_file():
-        pytest.fail(f"the browser check failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n"
-                    f"{completed.stderr[-3000:]}\nserver log:\n{comfy_server.log_tail()}", pytrace=False)
-    result = json.loads(result_file.read_text())
-    ARTIFACTS.mkdir(exist_ok=True)
-    for name, target in (("train_node.png", "training_view.png"), ("chart.png", "training_chart.png")):
-        if (out / name).is_file():
-            shutil.copyfile(out / name, ARTIFACTS / target)
+    result = run_check(SCRIPT, comfy_server, out, timeout=900)
+    keep_artifacts(out, {"train_node.png": "training_view.png", "chart.png": "training_chart.png"})
     return result, out
 
 
 @pytest.fixture(scope="module")
 def examples_run(comfy_server, tmp_path_factory) -> tuple[dict, Path]:
     """check_examples.mjs's result.json and its folder (screenshots), after every example ran once in the page."""
-    chromium = ensure_chromium()
-    node = ensure_node_modules()
     out = tmp_path_factory.mktemp("examples")
-    command = [node, str(EXAMPLES_SCRIPT), comfy_server.url, str(API_WORKFLOWS), str(out), "--timeout-s", "600",
-               "--chromium", str(chromium)]
-    try:
-        completed = _run(command, cwd=BROWSER_DIR, timeout=1200)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the examples check ran past 1200 s:\n" + comfy_server.log_tail(), pytrace=False)
-    result_file = out / "result.json"
-    if completed.returncode != 0 or not result_file.is_file():
-        pytest.fail(f"the examples check failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n"
-                    f"{completed.stderr[-3000:]}\nserver log:\n{comfy_server.log_tail()}", pytrace=False)
-    ARTIFACTS.mkdir(exist_ok=True)
-    for name in EXAMPLES:
-        if (out / f"{name}_after.png").is_file():
-            shutil.copyfile(out / f"{name}_after.png", ARTIFACTS / f"example_{name}.png")
-    return json.loads(result_file.read_text()), out
+    result = run_check(EXAMPLES_SCRIPT, comfy_server, out, str(API_WORKFLOWS), timeout=1200)
+    keep_artifacts(out, {f"{name}_after.png": f"example_{name}.png" for name in EXAMPLES})
+    return result, out
 
 
 def _overlaps(a: dict, b: dict) -> bool:
