@@ -42,7 +42,7 @@ class Arm:
     description: str = ""
 
 
-PAPER_ITERATIONS = 150  # the full plan's budget (the cosine arm decays over it, whatever stage it trains to)
+PAPER_ITERATIONS = 150  # the full plan's default budget (--iterations)
 ARMS: dict[str, Arm] = {
     "flow_grpo": Arm(FLOW_GRPO_CONFIG, {}, "Flow-GRPO as published (configs/miniworld_flow_grpo.yaml)"),
     "stepwise": Arm(STEPWISE_CONFIG, {}, "Stepwise-Flow-GRPO: DDIM SDE, gains of T'=2 completions, joint "
@@ -62,9 +62,8 @@ ARMS: dict[str, Arm] = {
                                "rewards barely differ gets small advantages instead of unit ones"),
     "stepwise_lr": Arm(STEPWISE_CONFIG, {"optim.lr": 3e-4}, "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's "
                                                             "default; the recipes use 1e-3)"),
-    "stepwise_cosine": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
-                                             "optim.lr_decay_iterations": PAPER_ITERATIONS},
-                           "Stepwise with lr 1e-3 decayed along a half cosine to 1e-4 at the last iteration"),
+    "stepwise_cosine": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1},
+                           "Stepwise with lr 1e-3 decayed along a half cosine to 1e-4 at the plan's last iteration"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
 
@@ -87,8 +86,8 @@ class Plan:
         return order + [(arm, seed) for arm in self.arms if arm not in MAIN_ARMS for seed in self.ablation_seeds]
 
 
-def full_plan(arms: Sequence[str] = tuple(ARMS)) -> Plan:
-    return Plan(arms=tuple(arms), main_seeds=(0, 1, 2), ablation_seeds=(0,), iterations=PAPER_ITERATIONS,
+def full_plan(arms: Sequence[str] = tuple(ARMS), iterations: int = PAPER_ITERATIONS) -> Plan:
+    return Plan(arms=tuple(arms), main_seeds=(0, 1, 2), ablation_seeds=(0,), iterations=iterations,
                 eval_every=25, eval_prompts_per_category=8, eval_samples=8)
 
 
@@ -105,6 +104,8 @@ def arm_config(arm: str, seed: int, plan: Plan, run_dir: Path, quick: bool = Fal
         "train.checkpoint_every": plan.eval_every, "train.keep_checkpoints": plan.iterations // plan.eval_every + 1,
         "train.output_dir": str(run_dir / "train"),
     }
+    if changes.get("optim.lr_schedule") == "cosine":  # decay over the plan's budget, whatever stage a run trains to
+        changes.setdefault("optim.lr_decay_iterations", plan.iterations)
     if quick:
         changes.update({"train.group_size": 6, "train.groups_per_iteration": 2, "sampler.steps": 4, "optim.lr": 0.01})
     return load_config(ARMS[arm].recipe).replace(**changes)
@@ -340,6 +341,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="", help="comma-separated seeds to run for every chosen arm instead of the "
                                                     "plan's (e.g. one process per seed, in parallel)")
     parser.add_argument("--device", default="cpu", help="torch device of the runs, e.g. cuda")
+    parser.add_argument("--iterations", type=int, default=PAPER_ITERATIONS,
+                        help="training budget of every run (evaluated every 25); a folder holds one budget")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite paper.json and the figure")
     parser.add_argument("--combine", default="", metavar="MAIN,OTHER,...",
                         help="write one JSON (--out is the file) from the paper.json of several results folders: the "
@@ -366,11 +369,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     if unknown:
         print(f"sfgrpo bench paper: --arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
         return 2
-    plan = quick_plan(arms or MAIN_ARMS) if args.quick else full_plan(arms or tuple(ARMS))
+    if args.iterations < 25 or args.iterations % 25:
+        print(f"sfgrpo bench paper: --iterations: {args.iterations} is not a positive multiple of 25 (the "
+              "evaluation interval); give e.g. 150 or 300")
+        return 2
+    plan = quick_plan(arms or MAIN_ARMS) if args.quick else full_plan(arms or tuple(ARMS), args.iterations)
     out = Path(args.out)
     command = " ".join(["sfgrpo bench paper", *(["--quick"] if args.quick else []),
                         *([f"--arms {args.arms}"] if arms else []), *([f"--seeds {args.seeds}"] if args.seeds else []),
-                        *([f"--device {args.device}"] if args.device != "cpu" else [])])
+                        *([f"--device {args.device}"] if args.device != "cpu" else []),
+                        *([f"--iterations {args.iterations}"] if args.iterations != PAPER_ITERATIONS else [])])
     seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     runs = [(arm, seed) for arm in plan.arms for seed in seeds] if seeds else plan.runs()
     if not args.summary_only:

@@ -19,7 +19,7 @@ from ..config import CreditConfig
 from ..models.base import VelocityModel
 from .distributed import SINGLE, Team
 from .rollout import Rollout
-from .step_rewards import BatchSizes, images_scored, score_in_batches, step_rewards
+from .step_rewards import BatchSizes, images_scored, score_in_batches, scored_states, step_rewards
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Credit:
         components: for a reward made of several, each component's rewards, shaped like ``rewards``.
         group_ids: [N] the group of each trajectory.
         rows: this process's trajectories among the N (all of them for one process).
+        scored: [N, T + 1] (or [N, 1]) bool, the rewards computed; NaN outside it means "not needed", inside it
+            "missing" (``step_rewards.scored_states``).
 
     With several processes every tensor covers the whole batch (gathered from all of them) and ``reward_calls``
     counts every process's images: each process holds the same Credit.
@@ -46,7 +48,13 @@ class Credit:
     reward_calls: int
     group_ids: torch.Tensor
     rows: slice
+    scored: torch.Tensor
     components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> int:
+        """Rewards that were computed and failed (NaN inside ``scored``)."""
+        return int((torch.isnan(self.rewards) & self.scored).sum())
 
     @property
     def final_rewards(self) -> torch.Tensor:
@@ -60,7 +68,8 @@ class Credit:
 def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, config: CreditConfig,
                     batch_sizes: BatchSizes, team: Team = SINGLE) -> Credit:
     """Stepwise-Flow-GRPO: gains of T'-step completions, jointly (or per-step, for ablations) normalized."""
-    local = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes)
+    scored = scored_states(rollout.active)  # only the ends of training transitions: the advantages are unchanged
+    local = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes, scored=scored)
     scores = gather_scores(team, local)
     group_ids, active = team.gather_rows(rollout.batch.group_ids), team.gather_rows(rollout.active)
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages
@@ -70,8 +79,9 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
                          eps=config.std_eps, clip=config.advantage_clip, mask=active)
 
     return Credit(rewards=scores.values, advantages=_mixed(advantages_of, scores, reward),
-                  gains=advantages.stepwise_gains(scores.values), reward_calls=_total(team, images_scored(rollout)),
-                  group_ids=group_ids, rows=team.rows(len(group_ids)), components=scores.components)
+                  gains=advantages.stepwise_gains(scores.values),
+                  reward_calls=_total(team, images_scored(rollout, scored)), group_ids=group_ids,
+                  rows=team.rows(len(group_ids)), scored=team.gather_rows(scored), components=scores.components)
 
 
 @torch.no_grad()
@@ -91,7 +101,7 @@ def flow_grpo_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rew
     as_columns = rewards.Scores(final.values[:, None], {name: v[:, None] for name, v in final.components.items()})
     return Credit(rewards=as_columns.values, advantages=_mixed(advantages_of, as_columns, reward), gains=None,
                   reward_calls=_total(team, len(local.values)), group_ids=group_ids, rows=team.rows(len(group_ids)),
-                  components=as_columns.components)
+                  scored=torch.ones_like(as_columns.values, dtype=torch.bool), components=as_columns.components)
 
 
 def gather_scores(team: Team, scores: rewards.Scores) -> rewards.Scores:

@@ -297,7 +297,7 @@ def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assig
         "samples_seen": (iteration + 1) * len(final),
         "reward_mean": _nanmean(final),
         "reward_std": float(finite_final.std(correction=0)) if finite_final.numel() > 1 else 0.0,
-        "reward_missing": int(torch.isnan(assigned.rewards).sum()),
+        "reward_missing": assigned.missing,
         "reward_calls": assigned.reward_calls,
         "zero_std_ratio": zero_variance_fraction(final, assigned.group_ids),
         "active_transitions": stats.transitions,
@@ -310,8 +310,12 @@ def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assig
         record["reward_components_missing"] = {name: int(torch.isnan(values).sum())
                                                for name, values in assigned.final_components.items()}
     if assigned.gains is not None:
-        record["step_reward_mean"] = [_nanmean(assigned.rewards[:, k]) for k in range(assigned.rewards.shape[1])]
-        record["gain_abs_mean"] = [_nanmean(assigned.gains[:, k].abs()) for k in range(assigned.gains.shape[1])]
+        # None where no reward of that step was needed (scored_states), e.g. r_0 behind a deterministic first step
+        record["step_reward_mean"] = [_nanmean(assigned.rewards[:, k]) if assigned.scored[:, k].any() else None
+                                      for k in range(assigned.rewards.shape[1])]
+        record["gain_abs_mean"] = [_nanmean(assigned.gains[:, k].abs())
+                                   if (assigned.scored[:, k] & assigned.scored[:, k + 1]).any() else None
+                                   for k in range(assigned.gains.shape[1])]
     record.update({f"seconds_{phase}": value for phase, value in seconds.items()})
     return record
 

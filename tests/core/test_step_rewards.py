@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from sfgrpo_core.algorithm import tweedie
+from sfgrpo_core.algorithm import advantages, tweedie
 from sfgrpo_core.algorithm.schedule import flow_sigmas
 from sfgrpo_core.algorithm.sde import get_step_function
 from sfgrpo_core.config import CreditConfig
 from sfgrpo_core.models.toy import ToyVelocityNet, ToyWorld, prompt_mode
 from sfgrpo_core.training.credit import CREDIT_METHODS
 from sfgrpo_core.training.rollout import make_prompt_batch, rollout
-from sfgrpo_core.training.step_rewards import BatchSizes, distinct_states, images_scored, step_rewards
+from sfgrpo_core.training.step_rewards import BatchSizes, distinct_states, images_scored, scored_states, step_rewards
 
 PROMPTS = ["mode 0", "mode 3", "mode 5"]
 GROUP_SIZE, STEPS, SUBSTEPS = 3, 4, 3
@@ -216,3 +216,52 @@ def test_states_a_group_shares_are_completed_and_scored_once(sde, shared_noise, 
     reward = RecordingReward()
     step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=BatchSizes(64, 64))
     assert reward.scored == images_scored(recorded) == len(members) + len(group_ids)
+
+
+def test_scored_states_are_the_ends_of_active_transitions_and_the_finals():
+    active = torch.tensor([[False, True, False, False], [False, False, False, True], [False] * 4])
+    expected = torch.tensor([[False, True, True, False, True],
+                             [False, False, False, True, True],
+                             [False, False, False, False, True]])
+    assert torch.equal(scored_states(active), expected)
+
+
+@pytest.mark.parametrize("normalization", ["joint", "per_step"])
+@pytest.mark.parametrize("sde", ["ddim", "flow_grpo"])
+def test_scoring_only_the_states_the_loss_uses_leaves_the_advantages_unchanged(sde, normalization):
+    """Stepwise credit scores r_k only at the ends of active transitions (and the finals): the advantages equal
+    those made from every state's reward, the states it skips are NaN and not counted as missing, and it scores
+    fewer images when no transition next to a state trains (DDIM: the step from t = 1, so r_0 is skipped)."""
+    model = toy_world()
+    recorded = _rollout(model, sde=sde)
+    config = CreditConfig(substeps=SUBSTEPS, normalization=normalization)
+    reward = RecordingReward()
+    credit = CREDIT_METHODS["stepwise"](model, recorded, reward, config, BatchSizes(5, 5))
+    every_state = step_rewards(model, recorded, RecordingReward(), substeps=SUBSTEPS, batch_sizes=BatchSizes(64, 64))
+    normalize = advantages.joint_advantages if normalization == "joint" else advantages.per_step_advantages
+    expected = normalize(advantages.stepwise_gains(every_state.values), recorded.batch.group_ids,
+                         mask=recorded.active)
+    torch.testing.assert_close(credit.advantages, expected, equal_nan=True)
+    scored = scored_states(recorded.active)
+    assert torch.equal(torch.isfinite(credit.rewards), scored) and credit.missing == 0
+    torch.testing.assert_close(credit.rewards[scored], every_state.values[scored])
+    assert reward.scored == credit.reward_calls == images_scored(recorded, scored)
+    if sde == "ddim":
+        assert not scored[:, 0].any() and scored[:, 1:].all()
+        assert credit.reward_calls < images_scored(recorded)
+
+
+def test_a_reward_that_fails_on_a_scored_state_is_missing_and_a_skipped_state_is_not():
+    model = toy_world()
+    recorded = _rollout(model, sde="ddim")
+
+    def failing_on_first(images, prompts, metadata=None):
+        scores = score_of(images, prompts)
+        scores[0] = float("nan")
+        return scores
+
+    credit = CREDIT_METHODS["stepwise"](model, recorded, failing_on_first, CreditConfig(substeps=SUBSTEPS),
+                                        BatchSizes(64, 64))
+    # the first image scored is group 0's state 1 (after the deterministic DDIM step), shared by its members
+    assert credit.missing == GROUP_SIZE and torch.isnan(credit.rewards[:GROUP_SIZE, 1]).all()
+    assert int(torch.isnan(credit.rewards).sum()) > credit.missing  # the skipped states are NaN too, not missing
