@@ -18,12 +18,14 @@ def test_quick_speed_benchmark_counts_the_work_of_each_method(tmp_path):
     assert "Stepwise / Flow-GRPO per iteration" in result.stdout
     summary = json.loads(out.read_text())
     stepwise, flow = summary["methods"]["stepwise"], summary["methods"]["flow_grpo"]
-    # --quick: groups of 4, 2 groups, 4 steps. Flow-GRPO scores the 8 final samples; Stepwise also one completion per
-    # distinct state: x_1 and the deterministic DDIM step from t = 1 once per group, then every member's states 2, 3.
+    # --quick: groups of 4, 2 groups, 4 steps, of which only transition 1 trains (step 0 from t = 1 is deterministic,
+    # step 2's std is under min_train_std, the last step does not train). Flow-GRPO scores the 8 final samples;
+    # Stepwise also the two ends of transition 1: state 1 once per group (the deterministic DDIM step from the
+    # group's shared x_1), every member's state 2; nothing else enters its advantages (scored_states).
     assert flow["decoded_images"] == flow["reward_calls"] == 8
-    assert stepwise["decoded_images"] == stepwise["reward_calls"] == 8 + 2 + 2 + 8 + 8
+    assert stepwise["decoded_images"] == stepwise["reward_calls"] == 2 + 8 + 8
     # T' = 2: one model call per completion on top of the rollout's 8 x 4 (its first substep reuses the rollout's)
-    assert stepwise["model_calls"] - stepwise["update_samples"] == 8 * 4 + (2 + 2 + 8 + 8)
+    assert stepwise["model_calls"] - stepwise["update_samples"] == 8 * 4 + (2 + 8)
     for data in (stepwise, flow):
         assert set(data["seconds_by_phase"]) == {"rollout", "rewards", "update"}
         assert all(value > 0 for value in data["seconds_per_unit_alone"].values())
