@@ -44,9 +44,6 @@ def build_mini_world(path: str = "", device: str = "cpu", **_: object) -> Diffus
     """The mini world from ``path`` (a weights folder) or, when empty, the committed weights."""
     transformer, text_encoder, vae = load_components(path or WEIGHTS_DIR)
     text_encoder = text_encoder.to(device)
-    # Decoding every step's estimate is most of a Stepwise iteration here; channels-last convolutions in bfloat16
-    # decode ~1.2x faster on a CPU thread than the default layout (benchmarks/decode_layouts.py).
-    vae = vae.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
