@@ -91,6 +91,10 @@ class DiffusersFlowModel:
         default_lora_targets: None gives ``ATTENTION_LORA_TARGETS``.
         decode_dtype: autocast dtype of the VAE decoder (weights stay float32), e.g. torch.bfloat16 for a small
             TAESD on a CPU (3x faster, images within 3/255); None decodes in float32 (safe for SD/FLUX VAEs).
+        gradient_checkpointing: recompute each transformer block's activations in the backward pass instead of
+            keeping them (diffusers' own ``enable_gradient_checkpointing``; the gradients are the same). What a
+            transition keeps for backward on SD3.5-Medium at 1024 px falls from GiBs to MiBs
+            (benchmarks/activation_memory.py); the update's forward passes cost about a third more.
 
     Raises:
         ValueError: for an unsupported transformer, an odd FLUX latent size, or a guidance that does not fit the
@@ -110,7 +114,8 @@ class DiffusersFlowModel:
                  latent_size: tuple[int, int], default_prompts: Sequence[str] = (),
                  default_eval_prompts: Sequence[str] = (), device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, guidance: float | None = None,
-                 default_lora_targets: Sequence[str] | None = None, decode_dtype: torch.dtype | None = None):
+                 default_lora_targets: Sequence[str] | None = None, decode_dtype: torch.dtype | None = None,
+                 gradient_checkpointing: bool = False):
         self.architecture = architecture_of(transformer)
         self.device, self.dtype = torch.device(device), dtype
         height, width = latent_size
@@ -123,6 +128,8 @@ class DiffusersFlowModel:
         if not guided and guidance is not None:
             raise ValueError(f"guidance: {guidance} given, but this transformer has no guidance embedding")
         self.module = _place(transformer, self.device, dtype)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()  # type: ignore[operator]
         self.vae = _place(vae, self.device, torch.float32).to(memory_format=torch.channels_last)
         self.decode_dtype = decode_dtype
         self._encode = encode_prompts
@@ -210,7 +217,8 @@ def pipeline_prompt_encoder(pipeline: Any, device: str | torch.device,
 def model_from_pipeline(pipeline: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         latent_size: int | None = None, guidance: float | None = None,
                         max_sequence_length: int | None = None, default_prompts: Sequence[str] = DEFAULT_PROMPTS,
-                        default_eval_prompts: Sequence[str] = DEFAULT_EVAL_PROMPTS) -> DiffusersFlowModel:
+                        default_eval_prompts: Sequence[str] = DEFAULT_EVAL_PROMPTS,
+                        gradient_checkpointing: bool = True) -> DiffusersFlowModel:
     """A DiffusersFlowModel over a loaded SD3 / FLUX pipeline: its transformer, VAE (and VAE factors) and
     ``encode_prompt``; the text encoders move to ``device``.
 
@@ -218,6 +226,8 @@ def model_from_pipeline(pipeline: Any, *, device: str | torch.device = "cpu", dt
         latent_size: latent height = width; None gives the pipeline's default_sample_size (128 = 1024 px for SD3.5
             and FLUX).
         guidance: for guidance-distilled FLUX; None gives FluxPipeline's default 3.5 there.
+        gradient_checkpointing: on by default for real models (see DiffusersFlowModel): without it one SD3.5-M
+            transition at 1024 px keeps ~GiBs for its backward pass.
     """
     transformer = pipeline.transformer
     if guidance is None and getattr(transformer.config, "guidance_embeds", False):
@@ -232,7 +242,8 @@ def model_from_pipeline(pipeline: Any, *, device: str | torch.device = "cpu", dt
         transformer, pipeline.vae, pipeline_prompt_encoder(pipeline, device, max_sequence_length),
         vae_scaling_factor=config.scaling_factor, vae_shift_factor=config.shift_factor or 0.0,
         latent_channels=config.latent_channels, latent_size=(size, size), default_prompts=default_prompts,
-        default_eval_prompts=default_eval_prompts, device=device, dtype=dtype, guidance=guidance)
+        default_eval_prompts=default_eval_prompts, device=device, dtype=dtype, guidance=guidance,
+        gradient_checkpointing=gradient_checkpointing)
 
 
 def load_pipeline_model(path: str = "", device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -244,8 +255,8 @@ def load_pipeline_model(path: str = "", device: str = "cpu", dtype: str | torch.
         path: the pipeline folder (holding model_index.json).
         dtype: compute dtype of the transformer and text encoders ('float32', 'bfloat16', ...); None gives
             bfloat16 on CUDA and float32 elsewhere. The VAE always decodes in float32.
-        options: ``latent_size``, ``guidance``, ``max_sequence_length`` (see ``model_from_pipeline``); other keyword
-            arguments the trainer passes (seed, cache_dir) are ignored.
+        options: ``latent_size``, ``guidance``, ``max_sequence_length``, ``gradient_checkpointing`` (default true;
+            see ``model_from_pipeline``); other keyword arguments the trainer passes (seed, cache_dir) are ignored.
 
     Raises:
         ValueError: naming model.path when the folder is missing, is not a diffusers pipeline, or holds another
@@ -256,6 +267,11 @@ def load_pipeline_model(path: str = "", device: str = "cpu", dtype: str | torch.
         raise ValueError(f"model.path: {path!r} is not a local diffusers pipeline folder (no model_index.json); "
                          "set it to a StableDiffusion3Pipeline or FluxPipeline saved with save_pretrained (nothing "
                          "is downloaded)")
+    known = {key: options[key] for key in ("latent_size", "guidance", "max_sequence_length", "gradient_checkpointing")
+             if key in options}
+    if not isinstance(known.get("gradient_checkpointing", True), bool):
+        raise ValueError(f"model.options: gradient_checkpointing must be true or false, got "
+                         f"{known['gradient_checkpointing']!r}")
     torch_dtype = _resolve_dtype(dtype, device)
     from diffusers import DiffusionPipeline
 
@@ -268,7 +284,6 @@ def load_pipeline_model(path: str = "", device: str = "cpu", dtype: str | torch.
     if type(pipeline).__name__ not in ("StableDiffusion3Pipeline", "FluxPipeline"):
         raise ValueError(f"model.path: {path!r} holds a {type(pipeline).__name__}; the 'diffusers' backend loads "
                          "StableDiffusion3Pipeline and FluxPipeline folders")
-    known = {key: options[key] for key in ("latent_size", "guidance", "max_sequence_length") if key in options}
     return model_from_pipeline(pipeline, device=device, dtype=torch_dtype, **known)
 
 

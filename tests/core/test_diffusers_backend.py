@@ -144,3 +144,41 @@ def test_a_missing_or_foreign_model_path_names_model_path(tmp_path):
     for path in ("", str(tmp_path / "missing"), str(tmp_path)):
         with pytest.raises(ValueError, match="model.path"):
             load_pipeline_model(path=path, device="cpu", cache_dir=str(tmp_path))
+
+
+def _lora_gradients_and_saved_tensors(model):
+    """LoRA gradients of one velocity loss, and how many tensors autograd kept for the backward pass."""
+    from sfgrpo_core.lora.adapters import attach_lora
+
+    parameters = attach_lora(model.module, rank=4, alpha=8.0, target_modules=model.default_lora_targets, seed=0)
+    for parameter in parameters:  # lora_B starts at 0; give it values so every adapter's gradient flows
+        torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(parameter.numel()))
+    generator = torch.Generator().manual_seed(1)
+    x, sigma = torch.randn(2, *model.sample_shape, generator=generator), torch.tensor([0.4, 0.9])
+    condition = model.encode_prompts(PROMPTS)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = model.velocity(x, sigma, condition).square().mean()
+    loss.backward()
+    return [parameter.grad.clone() for parameter in parameters], sum(saved)
+
+
+@pytest.mark.parametrize("architecture", ["sd3", "flux"])
+def test_gradient_checkpointing_is_on_for_pipelines_and_keeps_the_gradients(architecture):
+    """Real models recompute each block in the backward pass (model_from_pipeline's default, `model.options`
+    gradient_checkpointing): the LoRA gradients equal those of the plain backward, and far less is kept."""
+    checkpointed = _model(BUILDERS[architecture]())
+    plain = _model(BUILDERS[architecture](), gradient_checkpointing=False)
+    assert checkpointed.module.gradient_checkpointing and not plain.module.gradient_checkpointing
+    gradients, kept = _lora_gradients_and_saved_tensors(checkpointed)
+    expected, kept_plain = _lora_gradients_and_saved_tensors(plain)
+    for gradient, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(gradient, reference)
+    assert any(gradient.abs().sum() > 0 for gradient in gradients)
+    assert kept < kept_plain / 2, (kept, kept_plain)
+
+
+def test_gradient_checkpointing_option_must_be_a_bool(tmp_path):
+    tiny.tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
+        load_pipeline_model(path=str(tmp_path / "sd3"), device="cpu", gradient_checkpointing="yes")
