@@ -84,13 +84,75 @@ def saved_bytes_by_block(transformer: torch.nn.Module, samples: int, latent: int
     return totals
 
 
+# stabilityai/stable-diffusion-3.5-medium, vae/config.json
+SD35_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def resident_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def transient_peak_mib(kind: str, samples: int, latent: int, context: int) -> float:
+    """How far resident memory rises above its level before one no-grad pass: the rollout's transformer forward
+    (``inference``: the cut model in bfloat16; one block is alive at a time, so the cut's peak is the full model's)
+    or the VAE decode in float32 (``decode``). Run in a fresh process per point."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if kind == "inference":
+            model = SD3Transformer2DModel(**{**SD35_MEDIUM, "num_layers": 3, "dual_attention_layers": (0,)})
+            model = model.to(torch.bfloat16)
+            inputs = {"hidden_states": torch.randn(samples, 16, latent, latent, generator=generator).bfloat16(),
+                      "encoder_hidden_states": torch.randn(samples, context, 4096, generator=generator).bfloat16(),
+                      "pooled_projections": torch.randn(samples, 2048, generator=generator).bfloat16(),
+                      "timestep": torch.full((samples,), 500.0), "return_dict": False}
+            run = lambda: model(**inputs)  # noqa: E731
+        else:
+            vae = AutoencoderKL(**SD35_VAE)
+            latents = torch.randn(samples, 16, latent, latent, generator=generator)
+            run = lambda: vae.decode(latents, return_dict=False)  # noqa: E731
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = resident_mib("VmRSS")
+        run()
+        return resident_mib("VmHWM") - before
+
+
+def peaks_in_fresh_processes(latent: int, context: int) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    peaks: dict[str, Any] = {}
+    for kind in ("inference", "decode"):
+        measured = {}
+        for samples in (1, 2):
+            output = subprocess.run([sys.executable, __file__, "--peak", kind, "--samples", str(samples),
+                                     "--latent", str(latent), "--context", str(context)],
+                                    capture_output=True, text=True, check=True).stdout
+            measured[samples] = float(output.strip().splitlines()[-1])
+        peaks[kind] = {"first_sample_mib": round(measured[1]), "per_sample_mib": round(measured[2] - measured[1])}
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latent", type=int, default=128, help="latent side (128 = 1024 px)")
     parser.add_argument("--context", type=int, default=333, help="text tokens (77 CLIP + 256 T5)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--out", default="", help="also write the result here as JSON")
+    parser.add_argument("--peak", choices=("inference", "decode"), help=argparse.SUPPRESS)  # one fresh-process point
+    parser.add_argument("--samples", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak:
+        print(transient_peak_mib(args.peak, args.samples, args.latent, args.context))
+        return
     from diffusers import SD3Transformer2DModel
 
     from sfgrpo_core.lora.adapters import attach_lora
@@ -128,6 +190,9 @@ def main() -> None:
     result["checkpointed"]["peak_gib_per_sample_with_one_block_recomputed"] = round(
         result["checkpointed"]["kept_gib_per_sample_full_model"] + max(plain_blocks["block0"],
                                                                        plain_blocks["block1"]) / 1024, 3)
+    # The no-grad passes: the rollout, evaluation and completions (train.sample_batch_size samples at once) and the
+    # decode before each reward (train.reward_batch_size images at once).
+    result["no_grad_transient_peaks"] = peaks_in_fresh_processes(args.latent, args.context)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -117,8 +117,12 @@ class OptimConfig:
                                               "either way, but they dilute the mean of the others.")
     minibatches: int = option(2, "Optimizer steps per iteration: the iteration's transitions are shuffled and "
                                  "split into this many minibatches (Flow-GRPO takes 2).", minimum=1)
-    micro_batch_size: int = option(0, "Transitions per forward/backward pass; gradients accumulate within a "
-                                      "minibatch. 0 = the whole minibatch at once.", minimum=0)
+    micro_batch_size: int = option(4, "Transitions per forward/backward pass; gradients accumulate within a "
+                                      "minibatch (the same update). 4 keeps SD3.5-Medium at 1024 px within a 24 GB "
+                                      "GPU: with gradient checkpointing a transition needs ~0.8 GiB for its backward "
+                                      "pass, without it 10 GiB (benchmarks/activation_memory.py). 0 = the whole "
+                                      "minibatch at once, for small models (the mini world's and toy configs).",
+                                   minimum=0)
 
 
 @dataclass(frozen=True)
@@ -155,11 +159,13 @@ class TrainConfig:
                                  "before the first and after the last). 0 disables evaluation.", minimum=0)
     eval_samples: int = option(16, "Samples per held-out prompt in each evaluation.", minimum=1)
     eval_steps: int = option(10, "ODE steps of the evaluation sampler.", minimum=1)
-    sample_batch_size: int = option(64, "Trajectories per model call in the rollout, the evaluation and the step "
+    sample_batch_size: int = option(16, "Trajectories per model call in the rollout, the evaluation and the step "
                                         "rewards' completions: peak memory grows with it, not with the number of "
-                                        "groups. Results do not depend on it (each member has its own noise).",
-                                    minimum=1)
-    reward_batch_size: int = option(64, "Images per decode and per reward call.", minimum=1)
+                                        "groups. Results do not depend on it (each member has its own noise). 16 "
+                                        "keeps SD3.5-Medium at 1024 px within a 24 GB GPU (~0.25 GiB a sample; "
+                                        "benchmarks/activation_memory.py).", minimum=1)
+    reward_batch_size: int = option(64, "Images per reward call (and per decode call, which the diffusers backend "
+                                        "splits further to fit the free memory).", minimum=1)
     distributed_timeout: float = option(600.0, "Seconds a process waits in a collective (gather, gradient sum) "
                                                "when several processes train (accelerate launch) before it gives up "
                                                "with an error: a process that died never leaves the others hanging.",

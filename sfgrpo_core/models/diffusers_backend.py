@@ -25,6 +25,30 @@ from torch import nn
 from ..images import to_uint8
 from .base import register_backend
 
+# Memory a float32 decode of the SD3 / FLUX VAE needs per output pixel at its peak: 4.0 GiB for one 1024 x 1024
+# image, 1.0 GiB at 512 x 512 (benchmarks/activation_memory.py, benchmarks/results/activation_memory_sd35m_*.json).
+DECODE_BYTES_PER_PIXEL = 4096
+
+
+def images_per_decode(free_bytes: int, image_pixels: int, bytes_per_pixel: int = DECODE_BYTES_PER_PIXEL) -> int:
+    """How many images one decode call may hold so that its peak stays within 80% of ``free_bytes`` (at least one),
+    as ComfyUI sizes its VAE batches: a reward batch of 64 images at 1024 px would need ~256 GiB at once."""
+    return max(1, int(0.8 * free_bytes) // max(1, image_pixels * bytes_per_pixel))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: the CUDA device's free bytes, else the host's MemAvailable (Linux; else 8 GiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
 # The attention projections of every block, Flow-GRPO's LoRA targets. The names are matched as suffixes, so in
 # FLUX they also cover the single blocks' attn.to_q/to_k/to_v (those blocks have no to_out or add_* layers), and in
 # SD3.5 the second attention (attn2) of its dual-attention layers.
@@ -184,12 +208,19 @@ class DiffusersFlowModel:
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Clean latents [B, C, H, W] -> uint8 images [B, H * f, W * f, 3] through the float32 VAE."""
+        """Clean latents [B, C, H, W] -> uint8 images [B, H * f, W * f, 3] through the float32 VAE, as many at a
+        time as the device's free memory holds (``images_per_decode``; the images do not depend on it)."""
         latents = x.to(self.device, torch.float32) / self.vae_scaling_factor + self.vae_shift_factor
-        with torch.autocast(self.device.type, dtype=self.decode_dtype or torch.float32,
-                            enabled=self.decode_dtype is not None):
-            images = self.vae.decode(latents, return_dict=False)[0]
-        return to_uint8_images(images.float()).cpu()
+        scale = 2 ** (len(getattr(self.vae.config, "block_out_channels", (0,) * 4)) - 1)
+        pixels = latents.shape[-2] * latents.shape[-1] * scale * scale
+        chunk = images_per_decode(free_memory_bytes(self.device), pixels)
+        parts = []
+        for start in range(0, len(latents), chunk):
+            with torch.autocast(self.device.type, dtype=self.decode_dtype or torch.float32,
+                                enabled=self.decode_dtype is not None):
+                images = self.vae.decode(latents[start : start + chunk], return_dict=False)[0]
+            parts.append(to_uint8_images(images.float()).cpu())
+        return torch.cat(parts)
 
 
 def pipeline_prompt_encoder(pipeline: Any, device: str | torch.device,

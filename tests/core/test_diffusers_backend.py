@@ -182,3 +182,31 @@ def test_gradient_checkpointing_option_must_be_a_bool(tmp_path):
     tiny.tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
     with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
         load_pipeline_model(path=str(tmp_path / "sd3"), device="cpu", gradient_checkpointing="yes")
+
+
+def test_images_per_decode_fits_the_free_memory():
+    from sfgrpo_core.models.diffusers_backend import DECODE_BYTES_PER_PIXEL, images_per_decode
+
+    one_megapixel = 1024 * 1024
+    assert images_per_decode(8 * 2**30, one_megapixel) == 1  # 4 GiB each: one fits in 80% of 8 GiB, two do not
+    assert images_per_decode(2**30, one_megapixel) == 1  # never fewer than one
+    for free in (2**30, 24 * 2**30, 139 * 2**30):
+        chunk = images_per_decode(free, 512 * 512)
+        assert chunk == 1 or chunk * 512 * 512 * DECODE_BYTES_PER_PIXEL <= 0.8 * free
+        assert (chunk + 1) * 512 * 512 * DECODE_BYTES_PER_PIXEL > 0.8 * free
+
+
+def test_a_decode_split_by_free_memory_gives_the_same_images(monkeypatch):
+    from sfgrpo_core.models import diffusers_backend
+
+    model = _model(BUILDERS["sd3"]())
+    latents = torch.randn(5, *model.sample_shape, generator=torch.Generator().manual_seed(3))
+    whole = model.decode(latents)
+    pixels = 16 * 16  # the tiny VAE's images
+    monkeypatch.setattr(diffusers_backend, "free_memory_bytes",
+                        lambda device: int(2.5 * pixels * diffusers_backend.DECODE_BYTES_PER_PIXEL / 0.8))
+    calls = []
+    decode = model.vae.decode
+    monkeypatch.setattr(model.vae, "decode", lambda z, **kw: calls.append(len(z)) or decode(z, **kw))
+    torch.testing.assert_close(model.decode(latents), whole, rtol=0, atol=0)
+    assert calls == [2, 2, 1]
