@@ -55,12 +55,11 @@ def require_flow_model(model) -> None:
     require_flow_sampling(model_sampling_of(model))
 
 
-def step_generators(seed: int | None, batch_size: int) -> list[torch.Generator]:
-    """One CPU generator per batch element, seeded by ``derive_seed(seed, index, "steps")`` (seed None -> 0).
-
-    A sample's step noise depends only on (seed, its index), as a trainer member's depends only on its seed.
+def step_generators(seed: int | None, batch_size: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per batch element on ``device``, seeded by ``derive_seed(seed, index, "steps")`` (seed None
+    -> 0). A sample's step noise depends only on (seed, its index), as a trainer member's depends only on its seed.
     """
-    return member_generators([derive_seed(seed or 0, index, "steps") for index in range(batch_size)])
+    return member_generators([derive_seed(seed or 0, index, "steps") for index in range(batch_size)], device)
 
 
 @torch.no_grad()
@@ -87,7 +86,7 @@ def sample_sfgrpo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict
     extra_args = {} if extra_args is None else extra_args
     require_flow_model(model)
     step = get_step_function(sde, strength)
-    generators = step_generators(extra_args.get("seed"), x.shape[0])
+    generators = step_generators(extra_args.get("seed"), x.shape[0], x.device)
     ones = x.new_ones(x.shape[0])
     for i in range(len(sigmas) - 1):
         comfy.model_management.throw_exception_if_processing_interrupted()

@@ -22,14 +22,15 @@ def generator(seed: int, *parts: object, device: str | torch.device = "cpu") -> 
     return torch.Generator(device=device).manual_seed(derive_seed(seed, *parts))
 
 
-def member_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per batch member, seeded with ``seeds[b]``: a member's noise then depends on its seed alone,
-    not on which other members share the batch."""
-    return [torch.Generator().manual_seed(seed) for seed in seeds]
+def member_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per batch member on ``device`` (the model's, so the noise is drawn where it is used), seeded
+    with ``seeds[b]``: a member's noise then depends on its seed (and the device's generator) alone, not on which
+    other members share the batch. CPU and CUDA generators give different streams from the same seed."""
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
 
 def member_noise(generators: Sequence[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise shaped like ``like`` [B, ...], row b drawn from ``generators[b]``, on ``like``'s
-    device."""
-    rows = [torch.randn(like.shape[1:], generator=generator) for generator in generators]
+    """Standard normal noise shaped like ``like`` [B, ...], row b drawn from ``generators[b]`` on its device, on
+    ``like``'s device."""
+    rows = [torch.randn(like.shape[1:], generator=generator, device=generator.device) for generator in generators]
     return torch.stack(rows).to(like.device)

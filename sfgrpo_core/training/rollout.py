@@ -144,7 +144,7 @@ def _rollout(model: VelocityModel, batch: PromptBatch, sigmas: torch.Tensor, ste
     """(states [N, T + 1, ...], velocities [N, T, ...], log_probs [N, T], stds [N, T]) of one batch of members."""
     x = batch.initial_noise.float()
     count, steps = x.shape[0], len(sigmas) - 1
-    generators = seeding.member_generators(batch.member_seeds)
+    generators = seeding.member_generators(batch.member_seeds, x.device)
     states, velocities, log_probs, stds = [x], [], [], []
     for k in range(steps):
         sigma = sigmas[k].expand(count).to(x.device)

@@ -62,3 +62,17 @@ def test_the_comfyui_nodes_run_on_the_gpu(tmp_path):
                                   out_dir=tmp_path / name)
             assert result.status == "success", (name, server.log_tail())
         _report("comfyui", devices=[device["name"] for device in devices])
+
+
+def test_step_noise_is_drawn_on_the_gpu_per_member_and_reproducibly():
+    from sfgrpo_core.seeding import member_generators, member_noise
+
+    like = torch.zeros(4, 16, 32, 32, device="cuda")
+    seeds = [11, 12, 13, 14]
+    generators = member_generators(seeds, "cuda")
+    assert all(generator.device.type == "cuda" for generator in generators)
+    noise = member_noise(generators, like)
+    again = member_noise(member_generators(seeds, "cuda"), like)
+    alone = member_noise(member_generators(seeds[2:3], "cuda"), like[:1])  # a member's noise ignores the others
+    assert noise.device.type == "cuda" and torch.equal(noise, again) and torch.equal(noise[2:3], alone)
+    _report("step noise on cuda", std=float(noise.std()))
