@@ -65,6 +65,12 @@ SETTINGS = (
     ("eval_samples", "train", "eval_samples", 4),
     ("micro_batch_size", "optim", "micro_batch_size", None),
 )
+# Widgets added after workflows were saved: optional inputs, so those workflows stay valid (config defaults apply).
+OPTIONAL_SETTINGS = (
+    ("lr_schedule", "optim", "lr_schedule", None),
+    ("lr_final_ratio", "optim", "lr_final_ratio", None),
+    ("lr_decay_iterations", "optim", "lr_decay_iterations", None),
+)
 
 
 def runs_root() -> Path:
@@ -95,6 +101,9 @@ def build_config(settings: dict[str, Any], *, reward: LoadedReward, prompts: Pro
     data: dict[str, dict[str, Any]] = {}
     for widget, section, name, _ in SETTINGS:
         data.setdefault(section, {})[name] = settings[widget]
+    for widget, section, name, _ in OPTIONAL_SETTINGS:
+        if settings.get(widget) is not None:
+            data.setdefault(section, {})[name] = settings[widget]
     data["model"] = {"name": "comfyui", "device": device}
     data["sampler"]["shift"] = shift
     data["train"].update(reward=reward.name, reward_options=reward.options_json, prompts=list(prompts.texts),
@@ -215,6 +224,8 @@ class SFGRPOTrainLoRA(io.ComfyNode):
                              tooltip="Image height of the training samples (a multiple of 16)."),
                 *[config_input(section, name, default=default, widget_id=widget)
                   for widget, section, name, default in SETTINGS],
+                *[config_input(section, name, default=default, widget_id=widget, optional=True)
+                  for widget, section, name, default in OPTIONAL_SETTINGS],
                 io.Combo.Input("reward_decode", options=list(DECODE_AUTOCAST), default="vae dtype", optional=True,
                                tooltip="How images are decoded for the reward: 'vae dtype' exactly as ComfyUI "
                                        "decodes; 'bfloat16 autocast' about 3x faster for a small VAE on a CPU (the "

@@ -22,9 +22,10 @@ def config_field(section: str, name: str) -> dataclasses.Field:
 
 
 def config_input(section: str, name: str, *, default: Any = None, widget_id: str | None = None,
-                 step: float | None = None, note: str = "") -> io.Input:
+                 step: float | None = None, note: str = "", optional: bool = False) -> io.Input:
     """A V3 widget for config field ``section.name``; ``default`` overrides the config default for this node (the
-    tooltip then says so), ``note`` is appended to the help text."""
+    tooltip then says so), ``note`` is appended to the help text. ``optional``: a workflow saved before the widget
+    existed stays valid (the config default applies)."""
     spec = config_field(section, name)
     meta = spec.metadata
     value: Any = spec.default if default is None else default
@@ -33,20 +34,22 @@ def config_input(section: str, name: str, *, default: Any = None, widget_id: str
     annotation = field_type(SECTIONS[section], name)
     widget_id = widget_id or name
     if meta.get("choices"):
-        return io.Combo.Input(widget_id, options=list(meta["choices"]), default=value, tooltip=tooltip)
+        return io.Combo.Input(widget_id, options=list(meta["choices"]), default=value, tooltip=tooltip,
+                              optional=optional)
     if annotation is bool:
-        return io.Boolean.Input(widget_id, default=value, tooltip=tooltip)
+        return io.Boolean.Input(widget_id, default=value, tooltip=tooltip, optional=optional)
     if annotation is int:
         # A seed widget would get the frontend's "randomize after queueing" control: a training seed stays fixed.
         return io.Int.Input(widget_id, default=value, min=int(meta["minimum"] if meta["minimum"] is not None else 0),
                             max=int(meta["maximum"]) if meta["maximum"] is not None else INT_MAX, tooltip=tooltip,
-                            control_after_generate=False if name == "seed" else None)
+                            control_after_generate=False if name == "seed" else None, optional=optional)
     if annotation is float:
         maximum = meta["maximum"] if meta["maximum"] is not None else 1e6
         return io.Float.Input(widget_id, default=value, min=meta["minimum"] if meta["minimum"] is not None else -1e6,
-                              max=maximum, step=step or _step(value), round=False, tooltip=tooltip)
+                              max=maximum, step=step or _step(value), round=False, tooltip=tooltip,
+                              optional=optional)
     if annotation is str:
-        return io.String.Input(widget_id, default=value, tooltip=tooltip)
+        return io.String.Input(widget_id, default=value, tooltip=tooltip, optional=optional)
     raise TypeError(f"{section}.{name}: no widget for {annotation!r}")
 
 

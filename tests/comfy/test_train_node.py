@@ -200,6 +200,22 @@ def test_resume_continues_the_newest_run_and_a_new_run_gets_the_next_number(engi
     assert CAPTURED["train"]["text"] == "sfgrpo/test_run_00002.safetensors"
 
 
+def test_the_lr_schedule_widgets_reach_the_run_and_workflows_without_them_keep_the_constant_lr(engine, trained):
+    """lr_schedule / lr_final_ratio / lr_decay_iterations are optional inputs (added after workflows were saved):
+    the graphs above leave them out and train at a constant lr; set, they schedule the run's lr."""
+    run_dir = engine.root / "output" / "sfgrpo"
+    constant = json.loads((run_dir / "test_run_00001" / "config.json").read_text())["optim"]
+    assert constant["lr_schedule"] == "constant"
+    errors = run(engine, train_graph(run_name="cosine_run", iterations=3, eval_every=0, lr_schedule="cosine",
+                                     lr_final_ratio=0.1, lr_decay_iterations=3))
+    assert not errors, errors[0]["exception_message"]
+    config = json.loads((run_dir / "cosine_run_00001" / "config.json").read_text())["optim"]
+    assert (config["lr_schedule"], config["lr_final_ratio"], config["lr_decay_iterations"]) == ("cosine", 0.1, 3)
+    records = [json.loads(line) for line in (run_dir / "cosine_run_00001" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [record["lr"] for record in records if "lr" in record]
+    assert lrs == pytest.approx([3e-3, 3e-3 * 0.55, 3e-4])  # half a cosine from lr to 0.1 lr over 3 iterations
+
+
 def _execution_error(engine, prompt: dict) -> str:
     errors = run(engine, prompt)
     assert errors, "the prompt ran without error"
@@ -225,7 +241,8 @@ def test_bad_inputs_give_errors_that_say_what_to_change(engine):
 
 
 @pytest.mark.parametrize("widget, field", [("lr", "optim.lr"), ("eta", "sampler.eta"),
-                                           ("noise_level", "sampler.noise_level"), ("clip_range", "optim.clip_range")])
+                                           ("noise_level", "sampler.noise_level"), ("clip_range", "optim.clip_range"),
+                                           ("lr_final_ratio", "optim.lr_final_ratio")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_and_inf_widgets_are_refused_naming_the_field_and_leave_no_run_folder(engine, widget, field, value):
     """inf fails ComfyUI's own bounds check at validation; NaN passes it (every comparison is False) and the config
