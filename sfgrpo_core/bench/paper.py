@@ -408,5 +408,5 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"{arm:>18}: final held-out {np.mean(finals):.3f} +- {np.std(finals):.3f} over {len(finals)} "
                   f"seed(s); {data['seconds_per_iteration']:.2f} s/iteration")
     print(f"iterations_ratio {summary['iterations_ratio']}, seconds_ratio {summary['seconds_ratio']}")
-    print(markdown_table(summary))
+    print(markdown_table(summary, tuple(range(0, plan.iterations + 1, max(plan.iterations // 3, 1)))))
     return 0
