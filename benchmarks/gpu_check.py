@@ -75,8 +75,9 @@ def summarize_run(records: list[dict[str, Any]], device: str, wall_seconds: floa
     steady = totals[1:] if len(totals) > 1 else totals
     not_finite = sorted({name for record in records for name in FINITE_FIELDS
                          if name in record and not _finite(record[name])})
+    # per-step lists hold None for the steps whose reward the loss does not use (not computed: scored_states)
     not_finite += sorted({name for record in records for name in ("step_reward_mean", "gain_abs_mean")
-                          if name in record and not _finite(record[name])})
+                          if name in record and not _finite([value for value in record[name] if value is not None])})
     missing = [name for name in ("reward_mean", "loss") if any(name not in record for record in records)]
     return {
         "iterations": len(records),
