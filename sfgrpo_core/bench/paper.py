@@ -43,31 +43,39 @@ class Arm:
 
 
 PAPER_ITERATIONS = 150  # the full plan's default budget (--iterations)
+# The Stepwise ablations change one thing each from the recipe as it was when they ran: a constant lr.
+CONSTANT_LR = {"optim.lr_schedule": "constant", "optim.lr_decay_iterations": 0}
 ARMS: dict[str, Arm] = {
     "flow_grpo": Arm(FLOW_GRPO_CONFIG, {}, "Flow-GRPO as published (configs/miniworld_flow_grpo.yaml)"),
-    "stepwise": Arm(STEPWISE_CONFIG, {}, "Stepwise-Flow-GRPO: DDIM SDE, gains of T'=2 completions, joint "
-                                         "normalization (configs/miniworld.yaml)"),
-    "credit_swap": Arm(STEPWISE_CONFIG, {"credit.method": "flow_grpo", "train.initial_noise": "shared"},
+    "stepwise": Arm(STEPWISE_CONFIG, CONSTANT_LR, "Stepwise-Flow-GRPO: DDIM SDE, gains of T'=2 completions, joint "
+                                                  "normalization, constant lr 1e-3 (configs/miniworld.yaml before "
+                                                  "its lr decay)"),
+    "credit_swap": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "credit.method": "flow_grpo",
+                                         "train.initial_noise": "shared"},
                        "the Stepwise recipe with Flow-GRPO's credit only (same SDE, shared noise)"),
-    "per_step": Arm(STEPWISE_CONFIG, {"credit.normalization": "per_step"}, "Stepwise, per-step normalization"),
-    "stepwise_t1": Arm(STEPWISE_CONFIG, {"credit.substeps": 1}, "Stepwise with T' = 1 (one-step Tweedie)"),
-    "stepwise_t5": Arm(STEPWISE_CONFIG, {"credit.substeps": 5}, "Stepwise with T' = 5"),
-    "stepwise_flow_sde": Arm(STEPWISE_CONFIG, {"sampler.sde": "flow_grpo", "sampler.noise_level": 0.7},
+    "per_step": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "credit.normalization": "per_step"},
+                    "Stepwise, per-step normalization"),
+    "stepwise_t1": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "credit.substeps": 1},
+                       "Stepwise with T' = 1 (one-step Tweedie)"),
+    "stepwise_t5": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "credit.substeps": 5}, "Stepwise with T' = 5"),
+    "stepwise_flow_sde": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "sampler.sde": "flow_grpo",
+                                               "sampler.noise_level": 0.7},
                              "Stepwise credit on the Flow-GRPO SDE"),
-    "stepwise_kl": Arm(STEPWISE_CONFIG, {"optim.kl_beta": 0.04},
+    "stepwise_kl": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "optim.kl_beta": 0.04},
                        "Stepwise with Flow-GRPO's KL anchor (beta 0.04 on its scale)"),
-    "stepwise_clip": Arm(STEPWISE_CONFIG, {"optim.clip_range": 1e-4}, "Stepwise with Flow-GRPO's clip range 1e-4"),
-    "stepwise_global_std": Arm(STEPWISE_CONFIG, {"credit.std_scope": "global"},
+    "stepwise_clip": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "optim.clip_range": 1e-4},
+                         "Stepwise with Flow-GRPO's clip range 1e-4"),
+    "stepwise_global_std": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "credit.std_scope": "global"},
                                "Stepwise with the std over the whole batch (Flow-GRPO's global_std): a group whose "
                                "rewards barely differ gets small advantages instead of unit ones"),
-    "stepwise_lr": Arm(STEPWISE_CONFIG, {"optim.lr": 3e-4}, "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's "
-                                                            "default; the recipes use 1e-3)"),
+    "stepwise_lr": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "optim.lr": 3e-4},
+                       "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's default; the recipes use 1e-3)"),
     "stepwise_cosine": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1},
                            "Stepwise with lr 1e-3 decayed along a half cosine to 1e-4 at the plan's last iteration"),
     "stepwise_cosine_hold": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
                                                   "optim.lr_decay_iterations": PAPER_ITERATIONS},
-                                "stepwise_cosine's 150-iteration decay, then held at 1e-4: with --iterations 300, "
-                                "the recipe over twice the benchmark's budget"),
+                                "configs/miniworld.yaml as shipped: stepwise_cosine's 150-iteration decay, then "
+                                "held at 1e-4 (with --iterations 300: the recipe over twice the benchmark's budget)"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
 

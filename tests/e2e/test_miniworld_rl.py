@@ -18,6 +18,7 @@ def test_stepwise_flow_grpo_raises_the_heldout_minigeneval_score(tmp_path):
     evaluations = [r["eval_reward_mean"] for r in records if r.get("eval_reward_mean") is not None]
     print("held-out MiniGenEval by evaluation:", [round(value, 3) for value in evaluations])
     assert len(evaluations) == 5
-    # Measured 0.302 -> 0.418; the evaluation's noise is about +-0.03 (192 samples with fixed seeds).
+    # Measured 0.302 -> 0.385 (0.418 before the lr decay); the evaluation's noise is about +-0.03 (192 samples with
+    # fixed seeds).
     assert evaluations[-1] >= evaluations[0] + 0.06, evaluations
     assert all(r.get("reward_missing", 0) == 0 for r in records)
