@@ -76,6 +76,11 @@ ARMS: dict[str, Arm] = {
                                                   "optim.lr_decay_iterations": PAPER_ITERATIONS},
                                 "configs/miniworld.yaml as shipped: stepwise_cosine's 150-iteration decay, then "
                                 "held at 1e-4 (with --iterations 300: the recipe over twice the benchmark's budget)"),
+    # More steps T: trajectory-level credit is shared by more transitions, so per-step credit should matter more.
+    "flow_grpo_t16": Arm(FLOW_GRPO_CONFIG, {"sampler.steps": 16}, "Flow-GRPO as published with 16 sampling steps"),
+    "stepwise_t16": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
+                                          "sampler.steps": 16},
+                        "stepwise_cosine (the shipped recipe over 150 iterations) with 16 sampling steps"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
 
