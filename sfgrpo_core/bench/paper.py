@@ -81,6 +81,12 @@ ARMS: dict[str, Arm] = {
     "stepwise_t16": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
                                           "sampler.steps": 16},
                         "stepwise_cosine (the shipped recipe over 150 iterations) with 16 sampling steps"),
+    "stepwise_eta1": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
+                                           "sampler.eta": 1.0},
+                         "stepwise_cosine with DDIM eta 1.0 (the most noise the SDE allows; the recipe has 0.7)"),
+    "stepwise_group24": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
+                                              "train.group_size": 24, "train.groups_per_iteration": 2},
+                            "stepwise_cosine with groups of 24 (the paper's size), 2 groups: the same 48 samples"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
 
