@@ -19,7 +19,7 @@ from ..config import CreditConfig
 from ..models.base import VelocityModel
 from .distributed import SINGLE, Team
 from .rollout import Rollout
-from .step_rewards import BatchSizes, images_scored, score_in_batches, scored_states, step_rewards
+from .step_rewards import BatchSizes, score_in_batches, scored_states, step_rewards
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
     """Stepwise-Flow-GRPO: gains of T'-step completions, jointly (or per-step, for ablations) normalized."""
     scored = scored_states(rollout.active)  # only the ends of training transitions: the advantages are unchanged
     local = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes, scored=scored)
-    scores = gather_scores(team, local)
+    scores = gather_scores(team, local.scores)
     group_ids, active = team.gather_rows(rollout.batch.group_ids), team.gather_rows(rollout.active)
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages
 
@@ -80,7 +80,7 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
 
     return Credit(rewards=scores.values, advantages=_mixed(advantages_of, scores, reward),
                   gains=advantages.stepwise_gains(scores.values),
-                  reward_calls=_total(team, images_scored(rollout, scored)), group_ids=group_ids,
+                  reward_calls=_total(team, local.images), group_ids=group_ids,
                   rows=team.rows(len(group_ids)), scored=team.gather_rows(scored), components=scores.components)
 
 

@@ -97,16 +97,20 @@ def distinct_states(rollout: Rollout, scored: torch.Tensor | None = None
     return torch.tensor(members, dtype=torch.long), torch.tensor(step_of, dtype=torch.long), index
 
 
-def images_scored(rollout: Rollout, scored: torch.Tensor | None = None) -> int:
-    """How many images ``step_rewards`` decodes and scores for ``rollout``: one per distinct scored state 0..T-1,
-    and the final samples."""
-    return len(distinct_states(rollout, scored)[0]) + rollout.states.shape[0]
+@dataclass(frozen=True)
+class StepRewards:
+    """What ``step_rewards`` returns: ``scores`` (r_0..r_T, [N, T + 1], and each component's) and ``images``, how many
+    images it decoded and scored (one per distinct scored state 0..T-1, and the final samples)."""
+
+    scores: rewards.Scores
+    images: int
 
 
 @torch.no_grad()
 def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, *, substeps: int,
-                 batch_sizes: BatchSizes, scored: torch.Tensor | None = None) -> rewards.Scores:
-    """r_k for every state of every trajectory: [N, T + 1] (and each component's [N, T + 1] for a mix).
+                 batch_sizes: BatchSizes, scored: torch.Tensor | None = None) -> StepRewards:
+    """r_k for every state of every trajectory: [N, T + 1] (and each component's [N, T + 1] for a mix), with the
+    number of images scored.
 
     r_0..r_{T-1} reward the T'-substep ODE completion of x_k made with the rollout weights, r_T the final sample
     itself. A state shared by several members of a group is completed and scored once (``distinct_states``: r_0 once
@@ -139,5 +143,6 @@ def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward,
         result[:, steps] = flat[len(members) :]
         return result
 
-    return rewards.Scores(per_step(scores.values),
-                          {name: per_step(values) for name, values in scores.components.items()})
+    return StepRewards(rewards.Scores(per_step(scores.values),
+                                      {name: per_step(values) for name, values in scores.components.items()}),
+                       images=len(clean))

@@ -11,7 +11,7 @@ from sfgrpo_core.config import Config, ConfigError
 from sfgrpo_core.rewards import load as load_reward
 from sfgrpo_core.training import trainer
 from sfgrpo_core.training.rollout import Rollout
-from sfgrpo_core.training.step_rewards import BatchSizes, images_scored, step_rewards
+from sfgrpo_core.training.step_rewards import BatchSizes, step_rewards
 from sfgrpo_core.training.update import trainable_transitions
 
 
@@ -49,9 +49,10 @@ def test_step_rewards_score_each_members_own_noise_when_it_is_not_shared(toy_con
         calls.append(len(prompts))
         return load_reward("toy_mode")(images, prompts)
 
-    rewards = step_rewards(session.model, recorded, reward, substeps=2, batch_sizes=BatchSizes(7, 7)).values
+    result = step_rewards(session.model, recorded, reward, substeps=2, batch_sizes=BatchSizes(7, 7))
+    rewards = result.scores.values
     count, steps = recorded.log_probs.shape
-    assert sum(calls) == images_scored(recorded) == count * (steps + 1)
+    assert sum(calls) == result.images == count * (steps + 1)
     # r_0 of two members of one group differ (each completes its own x_1), and none is missing.
     first_group = recorded.batch.group_ids == 0
     assert torch.isfinite(rewards).all() and rewards[first_group, 0].unique().numel() > 1

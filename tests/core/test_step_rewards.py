@@ -10,7 +10,7 @@ from sfgrpo_core.config import CreditConfig
 from sfgrpo_core.models.toy import ToyVelocityNet, ToyWorld, prompt_mode
 from sfgrpo_core.training.credit import CREDIT_METHODS
 from sfgrpo_core.training.rollout import make_prompt_batch, rollout
-from sfgrpo_core.training.step_rewards import BatchSizes, distinct_states, images_scored, scored_states, step_rewards
+from sfgrpo_core.training.step_rewards import BatchSizes, distinct_states, scored_states, step_rewards
 
 PROMPTS = ["mode 0", "mode 3", "mode 5"]
 GROUP_SIZE, STEPS, SUBSTEPS = 3, 4, 3
@@ -99,7 +99,7 @@ def test_every_reward_lands_in_its_member_and_step_cell(batch_size, shared_noise
     recorded = _rollout(model, shared_noise=shared_noise)
     reward = RecordingReward()
     sizes = BatchSizes(samples=batch_size, rewards=batch_size + 2)
-    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=sizes).values
+    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=sizes).scores.values
 
     prompts = recorded.batch.prompts
     assert result.shape == (len(prompts), STEPS + 1)
@@ -136,7 +136,8 @@ def test_a_shared_r0_is_scored_once_per_group_with_its_prompt():
 def test_one_substep_scores_the_tweedie_estimate():
     model = toy_world()
     recorded = _rollout(model)
-    result = step_rewards(model, recorded, RecordingReward(), substeps=1, batch_sizes=BatchSizes(5, 5)).values
+    result = step_rewards(model, recorded, RecordingReward(), substeps=1,
+                          batch_sizes=BatchSizes(5, 5)).scores.values
     k = 2
     sigma = recorded.sigmas[k].expand(len(recorded.batch.prompts))
     x0_hat = tweedie.x0_estimate(recorded.states[:, k], model.velocity(recorded.states[:, k], sigma,
@@ -187,7 +188,7 @@ def test_completions_start_from_the_rollouts_velocity(substeps):
     recorded = _rollout(model)
     counting = CountingModel(model)
     result = step_rewards(counting, recorded, RecordingReward(), substeps=substeps,
-                          batch_sizes=BatchSizes(7, 7)).values
+                          batch_sizes=BatchSizes(7, 7)).scores.values
     assert counting.samples == (substeps - 1) * len(distinct_states(recorded)[0])
     condition = recorded.batch.condition
     for k in range(STEPS):
@@ -214,8 +215,8 @@ def test_states_a_group_shares_are_completed_and_scored_once(sde, shared_noise, 
         for k in range(STEPS):
             assert torch.equal(recorded.states[members[index[member, k]], k], recorded.states[member, k])
     reward = RecordingReward()
-    step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=BatchSizes(64, 64))
-    assert reward.scored == images_scored(recorded) == len(members) + len(group_ids)
+    result = step_rewards(model, recorded, reward, substeps=SUBSTEPS, batch_sizes=BatchSizes(64, 64))
+    assert reward.scored == result.images == len(members) + len(group_ids)
 
 
 def test_scored_states_are_the_ends_of_active_transitions_and_the_finals():
@@ -238,17 +239,18 @@ def test_scoring_only_the_states_the_loss_uses_leaves_the_advantages_unchanged(s
     reward = RecordingReward()
     credit = CREDIT_METHODS["stepwise"](model, recorded, reward, config, BatchSizes(5, 5))
     every_state = step_rewards(model, recorded, RecordingReward(), substeps=SUBSTEPS, batch_sizes=BatchSizes(64, 64))
+    kept = len(distinct_states(recorded, scored_states(recorded.active))[0]) + len(recorded.batch.prompts)
     normalize = advantages.joint_advantages if normalization == "joint" else advantages.per_step_advantages
-    expected = normalize(advantages.stepwise_gains(every_state.values), recorded.batch.group_ids,
+    expected = normalize(advantages.stepwise_gains(every_state.scores.values), recorded.batch.group_ids,
                          mask=recorded.active)
     torch.testing.assert_close(credit.advantages, expected, equal_nan=True)
     scored = scored_states(recorded.active)
     assert torch.equal(torch.isfinite(credit.rewards), scored) and credit.missing == 0
-    torch.testing.assert_close(credit.rewards[scored], every_state.values[scored])
-    assert reward.scored == credit.reward_calls == images_scored(recorded, scored)
+    torch.testing.assert_close(credit.rewards[scored], every_state.scores.values[scored])
+    assert reward.scored == credit.reward_calls == kept
     if sde == "ddim":
         assert not scored[:, 0].any() and scored[:, 1:].all()
-        assert credit.reward_calls < images_scored(recorded)
+        assert credit.reward_calls < every_state.images
 
 
 def test_a_reward_that_fails_on_a_scored_state_is_missing_and_a_skipped_state_is_not():
