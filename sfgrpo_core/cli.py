@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.memory import add_arguments as add_memory_arguments
     from .bench.paper import add_arguments as add_paper_arguments
     from .bench.rewards import add_arguments as add_rewards_arguments
+    from .bench.signal import add_arguments as add_signal_arguments
     from .bench.speed import add_arguments as add_speed_arguments
 
     add_paper_arguments(bench_commands.add_parser(
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_rewards_arguments(bench_commands.add_parser(
         "rewards", help="milliseconds per image of each reward on this machine (model-backed ones on random-init "
                         "models of their real size)"))
+    add_signal_arguments(bench_commands.add_parser(
+        "signal", help="how much per-step signal the step rewards carry: each step's share of a group's reward "
+                       "spread, and whether the intermediate estimates' rewards behave like a value estimate"))
     commands.add_parser("rewards", help="list the registered rewards (built-in and installed plug-ins) with their "
                                         "options")
     server = commands.add_parser("reward-server", help="serve a registered reward over HTTP (JSON + PNG) for the "
@@ -119,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.rewards import run_from_args as bench_rewards
 
         return bench_rewards(args)
+    if args.command == "bench" and args.bench_command == "signal":
+        from .bench.signal import run_from_args as bench_signal
+
+        return bench_signal(args)
     if args.command == "bench":
         from .bench.paper import run_from_args as bench_paper
 

@@ -56,3 +56,18 @@ def test_bench_rewards_times_each_reward_and_reports_what_it_cannot(tmp_path):
     records = {record["reward"]: record for record in json.loads(out.read_text())["results"]}
     assert all(records[name]["ms_per_image"] > 0 for name in ("jpeg_compressibility", "mini_geneval", "ocr"))
     assert "ms_per_image" not in records["imagereward"] and "ImageReward" in records["imagereward"]["error"]
+
+
+def test_bench_signal_scores_every_state_of_a_configs_rollouts(tmp_path):
+    out = tmp_path / "signal.jsonl"
+    command = [sys.executable, "-m", "sfgrpo_core.cli", "bench", "signal", "--config", "configs/toy.yaml",
+               "--batches", "1", "--steps", "6", "--substeps", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shares sum to" in result.stdout
+    record = json.loads(out.read_text())
+    # the toy config: 4 groups of 8, the Flow-GRPO SDE (every step but the last to sigma 0 is random)
+    assert (record["sampling_steps"], record["substeps"], record["trajectories"]) == (6, 2, 32)
+    assert [step["step"] for step in record["steps"]] == list(range(6))
+    assert [step["trains"] for step in record["steps"]] == [True] * 5 + [False]
+    assert math.isfinite(record["share_sum"]) and record["share_sum"] > 0

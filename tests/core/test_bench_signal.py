@@ -1,0 +1,62 @@
+"""sfgrpo bench signal's statistics: a perfect value estimate (martingale rewards) against noisy estimates."""
+
+import math
+
+import pytest
+import torch
+
+from sfgrpo_core.bench.signal import step_signal
+
+GROUPS, GROUP_SIZE = 64, 32
+
+
+def _groups() -> torch.Tensor:
+    return torch.arange(GROUPS).repeat_interleave(GROUP_SIZE)
+
+
+def test_martingale_rewards_give_shares_that_sum_to_one_and_uncorrelated_gains():
+    """r_k the expected final reward given x_k: independent increments, each step's share its own variance's."""
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.0, 1.0, 2.0, 0.5, 0.0])  # the first step is shared within a group, the last is not random
+    count = GROUPS * GROUP_SIZE
+    start = torch.randn(GROUPS, generator=generator).repeat_interleave(GROUP_SIZE)[:, None]  # r_0: one per group
+    increments = torch.randn(count, len(scales), generator=generator) * scales
+    rewards = torch.cat([start, start + increments.cumsum(dim=1)], dim=1)
+    result = step_signal(rewards, _groups(), torch.ones(count, len(scales), dtype=torch.bool))
+    expected = scales**2 / (scales**2).sum()
+    shares = torch.tensor([step["share"] for step in result["steps"]], dtype=torch.float64)
+    torch.testing.assert_close(shares, expected.double(), atol=0.03, rtol=0)
+    assert result["share_sum"] == pytest.approx(1.0, abs=0.05)
+    assert abs(result["adjacent_gain_corr"]) < 0.05
+    for step, share in zip(result["steps"], expected.tolist(), strict=True):
+        if share > 0:  # Flow-GRPO's credit lines up with a step's gain as much as the step decides the outcome
+            assert step["corr_with_final"] == pytest.approx(math.sqrt(share), abs=0.03)
+        else:
+            assert step["zero_gain_fraction"] == 1.0
+    assert result["zero_variance_groups"] == 0 and result["trajectories"] == count
+
+
+def test_noisy_estimates_inflate_the_shares_and_anticorrelate_consecutive_gains():
+    """r_k = the final reward plus the estimate's own noise: gains go up and down, as they cannot for a value."""
+    generator = torch.Generator().manual_seed(1)
+    count, steps = GROUPS * GROUP_SIZE, 6
+    final = torch.randn(count, generator=generator)
+    rewards = final[:, None] + 0.5 * torch.randn(count, steps + 1, generator=generator)
+    rewards[:, -1] = final
+    result = step_signal(rewards, _groups(), torch.ones(count, steps, dtype=torch.bool))
+    assert result["share_sum"] > 2.0
+    assert result["adjacent_gain_corr"] == pytest.approx(-0.5, abs=0.05)  # cov(e_{k+1} - e_k, e_{k+2} - e_{k+1})
+    # the estimates predict the final reward (corr 1 / sqrt(1 + 0.25)), the same at every step
+    for step in result["steps"][:-1]:
+        assert step["predicts_final"] == pytest.approx(1 / math.sqrt(1.25), abs=0.03)
+
+
+def test_missing_rewards_drop_their_trajectory_and_flat_groups_are_counted():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0],  # group 0: the same final reward
+                            [0.0, 0.0, 0.0], [0.0, 0.5, 1.0],  # group 1
+                            [0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]])  # group 2: one member missing
+    group_ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    result = step_signal(rewards, group_ids, torch.ones(6, 2, dtype=torch.bool))
+    assert result["trajectories"] == 5 and result["groups"] == 3
+    assert result["zero_variance_groups"] == pytest.approx(2 / 3)  # group 0, and group 2's one remaining member
+    assert result["steps"][0]["zero_gain_fraction"] == pytest.approx(3 / 5)
