@@ -18,6 +18,12 @@ expected final reward given x_k (a perfect value estimate), the gains would be m
 shares summing to 1 (r_T - r_0 is their sum, and r_0 is shared within a group). A sum far above 1 with negatively
 correlated consecutive gains means the estimates' rewards go up and down along a trajectory: much of a step's gain is
 the estimate's own noise, which step-wise credit hands to that step.
+
+With ``--values M`` it also estimates what each step really contributes: v_k, the mean final reward of M SDE
+continuations from x_k (the value of the state; v_T = r_T), and the true gain dv_k = v_{k+1} - v_k. Per step it
+reports how well each credit lines up with dv_k (group-centred correlations): Stepwise's g_k and Flow-GRPO's r_T.
+The paper's premise is that the first is the better aligned. Both correlations share the same target, so the noise
+of v's M-sample means lowers both by the same factor and their comparison stays fair.
 """
 
 from __future__ import annotations
@@ -30,8 +36,15 @@ from typing import Any
 
 import torch
 
+from .. import rewards
+from ..algorithm.sde import StepFunction
 from ..config import load_config
+from ..models.base import VelocityModel
+from ..models.condition import select
+from ..seeding import derive_seed
 from ..training.metrics import json_safe
+from ..training.rollout import PromptBatch, Rollout, rollout
+from ..training.step_rewards import BatchSizes, distinct_states, score_in_batches, step_rewards
 from .paper import STEPWISE_CONFIG
 
 
@@ -51,15 +64,21 @@ def pooled_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum()) / denominator if denominator > 0 else math.nan
 
 
-def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor) -> dict[str, Any]:
+def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor,
+                values: torch.Tensor | None = None) -> dict[str, Any]:
     """The statistics above from r_0..r_T ([N, T + 1]); trajectories with a missing reward are left out.
 
     Args:
         rewards: [N, T + 1] the step rewards (``step_rewards`` with every state scored).
         group_ids: [N] each trajectory's group.
         active: [N, T] bool, the transitions that train (reported next to each step).
+        values: optional [N, T + 1] estimates of each state's value v_k (``continuation_values``); adds each
+            credit's correlation with the true gains v_{k+1} - v_k.
     """
     complete = torch.isfinite(rewards).all(dim=1)
+    if values is not None:
+        complete &= torch.isfinite(values).all(dim=1)
+        values = values[complete]
     rewards, group_ids, active = rewards[complete], group_ids[complete], active[complete]
     gains = rewards[:, 1:] - rewards[:, :-1]
     centered_gains = group_centered(gains, group_ids)
@@ -76,6 +95,13 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
             "zero_gain_fraction": float((gains[:, k].abs() < 1e-9).double().mean()),
             "predicts_final": pooled_correlation(centered_states[:, k], final),
         })
+    if values is not None:
+        true_gains = group_centered(values[:, 1:] - values[:, :-1], group_ids)
+        for k, step in enumerate(steps):
+            step["true_gain_share"] = (float((true_gains[:, k] ** 2).sum()) / final_variance if final_variance > 0
+                                       else math.nan)
+            step["stepwise_alignment"] = pooled_correlation(centered_gains[:, k], true_gains[:, k])
+            step["flow_grpo_alignment"] = pooled_correlation(final, true_gains[:, k])
     adjacent = [pooled_correlation(centered_gains[:, k], centered_gains[:, k + 1]) for k in range(gains.shape[1] - 1)]
     adjacent = [value for value in adjacent if math.isfinite(value)]
     finals = [rewards[group_ids == group, -1] for group in group_ids.unique()]
@@ -91,19 +117,46 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
     }
 
 
-def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint: Path | None) -> dict[str, Any]:
-    """Rollouts of ``batches`` iterations (their prompts and noise) with every state scored; their step_signal."""
+@torch.no_grad()
+def continuation_values(model: VelocityModel, recorded: Rollout, reward: rewards.Reward, step_fn: StepFunction,
+                        continuations: int, batch_sizes: BatchSizes, seed: int,
+                        final_rewards: torch.Tensor) -> torch.Tensor:
+    """[N, T + 1] v_k: the mean final reward of ``continuations`` SDE continuations from each state x_k (k < T; each
+    distinct state once, as ``step_rewards`` completes them), and the final sample's reward at k = T."""
+    members, step_index, index = distinct_states(recorded)
+    count, steps = recorded.states.shape[0], recorded.states.shape[1] - 1
+    distinct_values = torch.full((len(members),), float("nan"))
+    for k in range(steps):
+        chosen = torch.nonzero(step_index == k)[:, 0]
+        rows = members[chosen].repeat_interleave(continuations)
+        batch = PromptBatch(prompts=[recorded.batch.prompts[i] for i in rows.tolist()], group_ids=rows,
+                            condition=select(recorded.batch.condition, rows),
+                            initial_noise=recorded.states[rows.to(recorded.states.device), k],
+                            member_seeds=[derive_seed(seed, "value", int(chosen[i // continuations]), i)
+                                          for i in range(len(rows))])
+        ends = rollout(model, batch, recorded.sigmas[k:], step_fn, chunk_size=batch_sizes.samples).final
+        scores = score_in_batches(model, reward, ends, batch.prompts, batch_sizes.rewards).values
+        distinct_values[chosen] = scores.view(-1, continuations).nanmean(dim=1)
+    values = torch.full((count, steps + 1), float("nan"))
+    values[:, :steps] = distinct_values[index]
+    values[:, steps] = final_rewards
+    return values
+
+
+def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint: Path | None,
+            continuations: int = 0) -> dict[str, Any]:
+    """Rollouts of ``batches`` iterations (their prompts and noise) with every state scored; their step_signal
+    (with ``continuations`` > 0, also against each state's value from that many continuations)."""
     from ..lora.adapters import load_lora_state_dict
     from ..training.checkpoint import load_checkpoint
-    from ..training.step_rewards import BatchSizes, step_rewards
-    from ..training.trainer import build_session, collect
+    from ..training.trainer import build_session, collect, step_function_for
 
     config = load_config(config_path).replace(**changes)
     session = build_session(config)
     if checkpoint is not None:
         load_lora_state_dict(session.model.module, load_checkpoint(checkpoint).lora)
     sizes = BatchSizes(samples=config.train.sample_batch_size, rewards=config.train.reward_batch_size)
-    all_rewards, all_groups, all_active = [], [], []
+    all_rewards, all_groups, all_active, all_values = [], [], [], []
     for iteration in range(batches):
         recorded = collect(session, iteration)
         scored = step_rewards(session.model, recorded, session.reward, substeps=config.credit.substeps,
@@ -111,10 +164,16 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
         all_rewards.append(scored.scores.values)
         all_groups.append(recorded.batch.group_ids.cpu() + iteration * config.train.groups_per_iteration)
         all_active.append(recorded.active.cpu())
+        if continuations:
+            all_values.append(continuation_values(session.model, recorded, session.reward, step_function_for(config),
+                                                  continuations, sizes, seed=config.train.seed,
+                                                  final_rewards=scored.scores.values[:, -1]))
+    values = torch.cat(all_values) if continuations else None
     return {"config": str(config_path), "sampling_steps": config.sampler.steps, "substeps": config.credit.substeps,
             "sde": config.sampler.sde, "eta": config.sampler.eta, "reward": config.train.reward,
             "checkpoint": str(checkpoint) if checkpoint else None, "seed": config.train.seed,
-            **step_signal(torch.cat(all_rewards), torch.cat(all_groups), torch.cat(all_active))}
+            "continuations": continuations,
+            **step_signal(torch.cat(all_rewards), torch.cat(all_groups), torch.cat(all_active), values)}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -124,11 +183,16 @@ def table(result: dict[str, Any]) -> str:
              f"zero-variance groups {result['zero_variance_groups']:.2f}",
              f"shares sum to {result['share_sum']:.2f} (1 for a perfect value estimate), consecutive gains "
              f"correlate {result['adjacent_gain_corr']:.2f} (0 for one)",
-             "step  trains  share  corr(g_k, r_T)  zero gains  corr(r_k, r_T)"]
+             "step  trains  share  corr(g_k, r_T)  zero gains  corr(r_k, r_T)" +
+             ("  true share  corr(g_k, dv_k)  corr(r_T, dv_k)" if result.get("continuations") else "")]
     for step in result["steps"]:
         trains = "yes" if step["trains"] else "no"
-        lines.append(f"{step['step']:>4}  {trains:>6}  {step['share']:5.2f}  {step['corr_with_final']:14.2f}  "
-                     f"{step['zero_gain_fraction']:10.2f}  {step['predicts_final']:14.2f}")
+        line = (f"{step['step']:>4}  {trains:>6}  {step['share']:5.2f}  {step['corr_with_final']:14.2f}  "
+                f"{step['zero_gain_fraction']:10.2f}  {step['predicts_final']:14.2f}")
+        if "stepwise_alignment" in step:
+            line += (f"  {step['true_gain_share']:10.2f}  {step['stepwise_alignment']:15.2f}  "
+                     f"{step['flow_grpo_alignment']:15.2f}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -138,6 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--substeps", type=int, default=0, help="T', ODE substeps of each completion (default: the "
                                                                 "config's)")
     parser.add_argument("--batches", type=int, default=8, help="iterations' worth of rollouts to pool")
+    parser.add_argument("--values", type=int, default=0, metavar="M",
+                        help="also estimate each state's value from M SDE continuations and compare each credit with "
+                             "the true gains (costs ~M x T / 2 rollouts per batch)")
     parser.add_argument("--checkpoint", default="", help="a run's checkpoint folder: measure with its LoRA")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--out", default="", help="append the result as one JSON line to this file")
@@ -150,7 +217,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.substeps:
         changes["credit.substeps"] = args.substeps
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    result = measure(Path(args.config), changes, args.batches, checkpoint)
+    result = measure(Path(args.config), changes, args.batches, checkpoint, args.values)
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,13 @@ def test_martingale_rewards_give_shares_that_sum_to_one_and_uncorrelated_gains()
         else:
             assert step["zero_gain_fraction"] == 1.0
     assert result["zero_variance_groups"] == 0 and result["trajectories"] == count
+    # the rewards are the values themselves: Stepwise's gains are the true gains, Flow-GRPO's credit is not
+    with_values = step_signal(rewards, _groups(), torch.ones(count, len(scales), dtype=torch.bool), values=rewards)
+    for step, share in zip(with_values["steps"], expected.tolist(), strict=True):
+        if share > 0:
+            assert step["stepwise_alignment"] == pytest.approx(1.0)
+            assert step["flow_grpo_alignment"] == pytest.approx(step["corr_with_final"])
+            assert step["true_gain_share"] == pytest.approx(step["share"])
 
 
 def test_noisy_estimates_inflate_the_shares_and_anticorrelate_consecutive_gains():
@@ -45,6 +52,12 @@ def test_noisy_estimates_inflate_the_shares_and_anticorrelate_consecutive_gains(
     rewards[:, -1] = final
     result = step_signal(rewards, _groups(), torch.ones(count, steps, dtype=torch.bool))
     assert result["share_sum"] > 2.0
+    # where the first step decides the outcome (the value is the final reward from x_1 on), Flow-GRPO's credit is the
+    # true gain and Stepwise's is the estimates' noise
+    values = final[:, None].expand(-1, steps + 1).clone()
+    values[:, 0] = 0.0
+    first = step_signal(rewards, _groups(), torch.ones(count, steps, dtype=torch.bool), values=values)["steps"][0]
+    assert first["flow_grpo_alignment"] == pytest.approx(1.0) and abs(first["stepwise_alignment"]) < 0.1
     assert result["adjacent_gain_corr"] == pytest.approx(-0.5, abs=0.05)  # cov(e_{k+1} - e_k, e_{k+2} - e_{k+1})
     # the estimates predict the final reward (corr 1 / sqrt(1 + 0.25)), the same at every step
     for step in result["steps"][:-1]:

@@ -61,7 +61,7 @@ def test_bench_rewards_times_each_reward_and_reports_what_it_cannot(tmp_path):
 def test_bench_signal_scores_every_state_of_a_configs_rollouts(tmp_path):
     out = tmp_path / "signal.jsonl"
     command = [sys.executable, "-m", "sfgrpo_core.cli", "bench", "signal", "--config", "configs/toy.yaml",
-               "--batches", "1", "--steps", "6", "--substeps", "2", "--out", str(out)]
+               "--batches", "1", "--steps", "6", "--substeps", "2", "--values", "2", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shares sum to" in result.stdout
@@ -71,3 +71,5 @@ def test_bench_signal_scores_every_state_of_a_configs_rollouts(tmp_path):
     assert [step["step"] for step in record["steps"]] == list(range(6))
     assert [step["trains"] for step in record["steps"]] == [True] * 5 + [False]
     assert math.isfinite(record["share_sum"]) and record["share_sum"] > 0
+    for step in record["steps"][:-1]:  # 2 continuations of each state: both credits compared with the true gains
+        assert -1 <= step["stepwise_alignment"] <= 1 and -1 <= step["flow_grpo_alignment"] <= 1
