@@ -105,7 +105,7 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
     adjacent = [pooled_correlation(centered_gains[:, k], centered_gains[:, k + 1]) for k in range(gains.shape[1] - 1)]
     adjacent = [value for value in adjacent if math.isfinite(value)]
     finals = [rewards[group_ids == group, -1] for group in group_ids.unique()]
-    spreads = [float(values.max() - values.min()) for values in finals]
+    spreads = [float(group_finals.max() - group_finals.min()) for group_finals in finals]
     return {
         "trajectories": int(complete.sum()),
         "groups": len(spreads),
@@ -211,6 +211,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    for name, value, smallest in (("--batches", args.batches, 1), ("--values", args.values, 0),
+                                  ("--steps", args.steps, 0), ("--substeps", args.substeps, 0)):
+        if value < smallest:
+            print(f"sfgrpo bench signal: {name}: {value} is below {smallest}")
+            return 2
     changes: dict[str, Any] = {"model.device": args.device}
     if args.steps:
         changes["sampler.steps"] = args.steps

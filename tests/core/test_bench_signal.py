@@ -73,3 +73,11 @@ def test_missing_rewards_drop_their_trajectory_and_flat_groups_are_counted():
     assert result["trajectories"] == 5 and result["groups"] == 3
     assert result["zero_variance_groups"] == pytest.approx(2 / 3)  # group 0, and group 2's one remaining member
     assert result["steps"][0]["zero_gain_fraction"] == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--values", "-1"), ("--batches", "0"), ("--steps", "-2")])
+def test_the_cli_refuses_out_of_range_counts_naming_the_flag(flag, value, capsys):
+    from sfgrpo_core.cli import main
+
+    assert main(["bench", "signal", flag, value]) == 2
+    assert f"{flag}: {value} is below" in capsys.readouterr().out
