@@ -45,6 +45,7 @@ class Arm:
 PAPER_ITERATIONS = 150  # the full plan's default budget (--iterations)
 # The Stepwise ablations change one thing each from the recipe as it was when they ran: a constant lr.
 CONSTANT_LR = {"optim.lr_schedule": "constant", "optim.lr_decay_iterations": 0}
+COSINE_LR = {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1}  # configs/miniworld.yaml's decay to 1e-4
 ARMS: dict[str, Arm] = {
     "flow_grpo": Arm(FLOW_GRPO_CONFIG, {}, "Flow-GRPO as published (configs/miniworld_flow_grpo.yaml)"),
     "stepwise": Arm(STEPWISE_CONFIG, CONSTANT_LR, "Stepwise-Flow-GRPO: DDIM SDE, gains of T'=2 completions, joint "
@@ -70,22 +71,19 @@ ARMS: dict[str, Arm] = {
                                "rewards barely differ gets small advantages instead of unit ones"),
     "stepwise_lr": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "optim.lr": 3e-4},
                        "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's default; the recipes use 1e-3)"),
-    "stepwise_cosine": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1},
+    "stepwise_cosine": Arm(STEPWISE_CONFIG, COSINE_LR,
                            "Stepwise with lr 1e-3 decayed along a half cosine to 1e-4 at the plan's last iteration"),
-    "stepwise_cosine_hold": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
-                                                  "optim.lr_decay_iterations": PAPER_ITERATIONS},
+    "stepwise_cosine_hold": Arm(STEPWISE_CONFIG, {**COSINE_LR, "optim.lr_decay_iterations": PAPER_ITERATIONS},
                                 "configs/miniworld.yaml as shipped: stepwise_cosine's 150-iteration decay, then "
                                 "held at 1e-4 (with --iterations 300: the recipe over twice the benchmark's budget)"),
     # More steps T: trajectory-level credit is shared by more transitions, so per-step credit should matter more.
     "flow_grpo_t16": Arm(FLOW_GRPO_CONFIG, {"sampler.steps": 16}, "Flow-GRPO as published with 16 sampling steps"),
-    "stepwise_t16": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
-                                          "sampler.steps": 16},
+    "stepwise_t16": Arm(STEPWISE_CONFIG, {**COSINE_LR, "sampler.steps": 16},
                         "stepwise_cosine (the shipped recipe over 150 iterations) with 16 sampling steps"),
-    "stepwise_eta1": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
-                                           "sampler.eta": 1.0},
+    "stepwise_eta1": Arm(STEPWISE_CONFIG, {**COSINE_LR, "sampler.eta": 1.0},
                          "stepwise_cosine with DDIM eta 1.0 (the most noise the SDE allows; the recipe has 0.7)"),
-    "stepwise_group24": Arm(STEPWISE_CONFIG, {"optim.lr_schedule": "cosine", "optim.lr_final_ratio": 0.1,
-                                              "train.group_size": 24, "train.groups_per_iteration": 2},
+    "stepwise_group24": Arm(STEPWISE_CONFIG, {**COSINE_LR, "train.group_size": 24,
+                                              "train.groups_per_iteration": 2},
                             "stepwise_cosine with groups of 24 (the paper's size), 2 groups: the same 48 samples"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
