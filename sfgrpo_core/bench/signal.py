@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .. import rewards
+from ..algorithm import advantages
 from ..algorithm.sde import StepFunction
 from ..config import load_config
 from ..models.base import VelocityModel
@@ -80,7 +81,7 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
         complete &= torch.isfinite(values).all(dim=1)
         values = values[complete]
     rewards, group_ids, active = rewards[complete], group_ids[complete], active[complete]
-    gains = rewards[:, 1:] - rewards[:, :-1]
+    gains = advantages.stepwise_gains(rewards)
     centered_gains = group_centered(gains, group_ids)
     centered_states = group_centered(rewards, group_ids)
     final = centered_states[:, -1]
@@ -96,7 +97,7 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
             "predicts_final": pooled_correlation(centered_states[:, k], final),
         })
     if values is not None:
-        true_gains = group_centered(values[:, 1:] - values[:, :-1], group_ids)
+        true_gains = group_centered(advantages.stepwise_gains(values), group_ids)
         for k, step in enumerate(steps):
             step["true_gain_share"] = (float((true_gains[:, k] ** 2).sum()) / final_variance if final_variance > 0
                                        else math.nan)
@@ -104,12 +105,11 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
             step["flow_grpo_alignment"] = pooled_correlation(final, true_gains[:, k])
     adjacent = [pooled_correlation(centered_gains[:, k], centered_gains[:, k + 1]) for k in range(gains.shape[1] - 1)]
     adjacent = [value for value in adjacent if math.isfinite(value)]
-    finals = [rewards[group_ids == group, -1] for group in group_ids.unique()]
-    spreads = [float(group_finals.max() - group_finals.min()) for group_finals in finals]
     return {
         "trajectories": int(complete.sum()),
-        "groups": len(spreads),
-        "zero_variance_groups": sum(spread == 0 for spread in spreads) / len(spreads) if spreads else math.nan,
+        "groups": len(group_ids.unique()),
+        "zero_variance_groups": (advantages.zero_variance_fraction(rewards[:, -1], group_ids) if len(rewards)
+                                 else math.nan),
         "final_reward_mean": float(rewards[:, -1].mean()) if len(rewards) else math.nan,
         "share_sum": sum(step["share"] for step in steps if math.isfinite(step["share"])),
         "adjacent_gain_corr": sum(adjacent) / len(adjacent) if adjacent else math.nan,
