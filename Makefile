@@ -5,10 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch 2.14.1 + torchvision 0.29.1: ComfyUI needs torchvision, and PyPI's torchvision does not import beside
-# the 2.13 CPU build (see ../shared/notes/comfyui.md). They come from this machine's wheel store.
+# the 2.13 CPU build ("operator torchvision::nms does not exist"). They come from this machine's wheel store.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# The seconds-scale core tests only (no ComfyUI server, no training run, no browser): a few minutes, for every edit.
+test-fast: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,4 +1,7 @@
-"""Shared fixtures. Tests live in tests/core (seconds, no ComfyUI), tests/comfy and tests/e2e (later issues)."""
+"""Shared fixtures. Tests live in tests/core (seconds, no ComfyUI), tests/comfy (a real ComfyUI, in-process and over
+HTTP, and the browser), tests/e2e (training runs) and tests/gpu (CUDA only)."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +10,17 @@ from sfgrpo_core.config import load_config
 from sfgrpo_core.models import toy
 
 TOY_CONFIG = "configs/toy.yaml"
+SLOW_FOLDERS = {"comfy", "e2e", "gpu"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test outside tests/core is slow (a ComfyUI server, a training run, a GPU): `make test-fast` leaves
+    them out with -m "not slow"."""
+    tests = Path(__file__).parent
+    for item in items:
+        relative = Path(str(item.fspath)).resolve().relative_to(tests)
+        if relative.parts[0] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

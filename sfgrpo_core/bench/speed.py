@@ -25,6 +25,7 @@ import torch
 from ..atomic import atomic_write_text
 from ..config import Config, load_config
 from ..models.condition import select
+from ..models.precision import describe
 from ..training.metrics import CallCounter, json_safe
 from .paper import FLOW_GRPO_CONFIG, STEPWISE_CONFIG
 
@@ -100,13 +101,22 @@ def work_alone(record: dict[str, float], costs: dict[str, float]) -> float:
             + record["decoded_images"] * costs["decode"] + record["reward_calls"] * costs["reward"])
 
 
+def model_dtypes(model: Any) -> dict[str, str]:
+    """The dtypes a backend chose: its compute dtype and its decoder's autocast dtype (float32 when none)."""
+    def name(dtype: Any) -> str:
+        return str(dtype or torch.float32).removeprefix("torch.")
+
+    return {"compute": name(getattr(model, "dtype", None)), "decode": name(getattr(model, "decode_dtype", None))}
+
+
 def measure(configs: dict[str, Config], iterations: int) -> dict[str, Any]:
     """Interleaved iterations of every method (after one warm-up each), the unit costs, and the summary."""
     from ..training.trainer import build_session
 
-    sessions, counters = {}, {}
+    sessions, counters, dtypes = {}, {}, {}
     for method, config in configs.items():
         session = build_session(config)
+        dtypes[method] = model_dtypes(session.model)
         counters[method] = CallCounter(session.model)
         session.model = counters[method]
         sessions[method] = session
@@ -126,7 +136,7 @@ def measure(configs: dict[str, Config], iterations: int) -> dict[str, Any]:
             "model_calls": mean["model_calls"], "update_samples": mean["update_samples"],
             "decoded_images": mean["decoded_images"], "reward_calls": mean["reward_calls"],
             "seconds_per_unit_alone": costs, "work_alone_seconds": alone, "overhead": mean["total"] / alone,
-            "records": records[method],
+            "dtypes": dtypes[method], "records": records[method],
         }
     methods = result["methods"]
     if {"stepwise", "flow_grpo"} <= set(methods):
@@ -136,7 +146,13 @@ def measure(configs: dict[str, Config], iterations: int) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [f"{'method':>10} {'s/it':>7} {'rollout':>8} {'rewards':>8} {'update':>8} {'calls':>7} {'decodes':>8} "
+    hardware = result.get("hardware", {})
+    lines = [f"CPU capability {hardware.get('cpu_capability')}, native bfloat16 "
+             f"{hardware.get('cpu_native_bfloat16')}, fast dtype on {hardware.get('device')}: "
+             f"{hardware.get('fast_dtype')}; dtypes (compute / decode): "
+             + ", ".join(f"{method} {data['dtypes']['compute']} / {data['dtypes']['decode']}"
+                         for method, data in result["methods"].items()),
+             f"{'method':>10} {'s/it':>7} {'rollout':>8} {'rewards':>8} {'update':>8} {'calls':>7} {'decodes':>8} "
              f"{'rewards':>8} {'alone s':>8} {'overhead':>9}"]
     for method, data in result["methods"].items():
         phases = data["seconds_by_phase"]
@@ -165,6 +181,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             **quick, "model.device": args.device, "train.output_dir": str(Path(scratch) / method)})
             for method, path in (("stepwise", args.stepwise_config), ("flow_grpo", args.flow_grpo_config))}
         result = measure(configs, 1 if args.quick else args.iterations)
+    result.update(hardware=describe(args.device))
     result.update(device=args.device, command="sfgrpo bench speed" + (" --quick" if args.quick else "") +
                   (f" --device {args.device}" if args.device != "cpu" else ""),
                   configs={method: str(path) for method, path in (("stepwise", args.stepwise_config),

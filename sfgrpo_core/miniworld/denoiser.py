@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..algorithm.schedule import flow_sigmas
+from ..models.precision import fast_autocast
 from .autoencoder import scene_batch
 from .scenes import CATEGORIES, sample_scene
 from .text import MiniTextEncoder, tokenize
@@ -59,7 +60,7 @@ def encode_scenes(vae, scaling_factor: float, count: int, seed: int, batch_size:
     latents, captions = [], []
     for start in range(0, count, batch_size):
         chunk = seeds[start : start + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fast_autocast("cpu"):
             latents.append(vae.encoder(scene_batch(chunk)).float() * scaling_factor)
         captions += [sample_scene(s, CATEGORIES[s % len(CATEGORIES)], split="train").caption for s in chunk]
         if progress is not None:
@@ -95,7 +96,7 @@ def train_denoiser(data: LatentDataset, steps: int, *, layers: int = 4, batch_si
         x1 = torch.randn(x0.shape, generator=generator)
         sigma = torch.sigmoid(torch.randn(batch_size, generator=generator))
         xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * x1
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fast_autocast("cpu"):
             context, pooled = text_encoder(tokens)
             velocity = sd3_velocity(transformer, xt, sigma, {"context": context, "pooled": pooled})
         loss = ((velocity.float() - (x1 - x0)) ** 2).mean()

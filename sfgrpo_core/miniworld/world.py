@@ -12,6 +12,7 @@ from torch import nn
 
 from ..models.base import register_backend
 from ..models.diffusers_backend import DiffusersFlowModel
+from ..models.precision import fast_autocast_dtype
 from .build import TEXT_ENCODER_FILE, TRANSFORMER_FILE, VAE_DIFFUSERS_DIR, WEIGHTS_DIR
 from .denoiser import LATENT_CHANNELS, LATENT_SIZE, heldout_prompt_set
 from .scenes import train_prompts
@@ -52,7 +53,8 @@ def build_mini_world(path: str = "", device: str = "cpu", **_: object) -> Diffus
     return DiffusersFlowModel(
         transformer, vae, encode, vae_scaling_factor=float(vae.config.scaling_factor), vae_shift_factor=0.0,
         latent_channels=LATENT_CHANNELS, latent_size=(LATENT_SIZE, LATENT_SIZE), default_prompts=train_prompts(),
-        default_eval_prompts=heldout_prompt_set(4), device=device, decode_dtype=torch.bfloat16)
+        default_eval_prompts=heldout_prompt_set(4), device=device,
+        decode_dtype=fast_autocast_dtype(device))
 
 
 register_backend("miniworld", build_mini_world)

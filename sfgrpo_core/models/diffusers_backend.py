@@ -24,6 +24,7 @@ from torch import nn
 
 from ..images import to_uint8
 from .base import register_backend
+from .precision import fast_dtype
 
 # Memory a float32 decode of the SD3 / FLUX VAE needs per output pixel at its peak: 4.0 GiB for one 1024 x 1024
 # image, 1.0 GiB at 512 x 512 (benchmarks/activation_memory.py, benchmarks/results/activation_memory_sd35m_*.json).
@@ -113,8 +114,9 @@ class DiffusersFlowModel:
         latent_channels: C; latent_size: (H, W) of the latent (even for FLUX).
         guidance: the embedded guidance of guidance-distilled FLUX models (FLUX.1-dev: 3.5); None otherwise.
         default_lora_targets: None gives ``ATTENTION_LORA_TARGETS``.
-        decode_dtype: autocast dtype of the VAE decoder (weights stay float32), e.g. torch.bfloat16 for a small
-            TAESD on a CPU (3x faster, images within 3/255); None decodes in float32 (safe for SD/FLUX VAEs).
+        decode_dtype: autocast dtype of the VAE decoder (weights stay float32), e.g.
+            ``precision.fast_autocast_dtype(device)`` for a small TAESD (bfloat16 only where it is native and faster;
+            images within 3/255); None decodes in float32 (safe for SD/FLUX VAEs).
         gradient_checkpointing: recompute each transformer block's activations in the backward pass instead of
             keeping them (diffusers' own ``enable_gradient_checkpointing``; the gradients are the same). What a
             transition keeps for backward on SD3.5-Medium at 1024 px falls from GiBs to MiBs
@@ -285,7 +287,8 @@ def load_pipeline_model(path: str = "", device: str = "cpu", dtype: str | torch.
     Args:
         path: the pipeline folder (holding model_index.json).
         dtype: compute dtype of the transformer and text encoders ('float32', 'bfloat16', ...); None gives
-            bfloat16 on CUDA and float32 elsewhere. The VAE always decodes in float32.
+            ``precision.fast_dtype(device)``: bfloat16 on CUDA, and on a CPU only where bfloat16 is native and
+            measured faster; float32 elsewhere. The VAE always decodes in float32.
         options: ``latent_size``, ``guidance``, ``max_sequence_length``, ``gradient_checkpointing`` (default true;
             see ``model_from_pipeline``); other keyword arguments the trainer passes (seed, cache_dir) are ignored.
 
@@ -329,7 +332,7 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype is None:
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        return fast_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     resolved = getattr(torch, dtype, None)

@@ -69,11 +69,15 @@ def jpeg_incompressibility(quality: int = 95) -> JpegSize:
     return JpegSize(1.0, quality)
 
 
-def mini_geneval() -> Any:
-    """The mini world's GenEval: the fraction of the caption's constraints (objects, count, colour, position) held."""
+def mini_geneval(soft: bool = False) -> Any:
+    """The mini world's GenEval: the fraction of the caption's constraints (objects, count, colour, position) held.
+
+    soft: score detection confidences (the mean soft truth value of the constraints, smooth in the pixels) instead
+    of pass/fail checks; options JSON {"soft": true}. A non-boolean raises ValueError.
+    """
     from ..miniworld.geneval import MiniGenEval
 
-    return MiniGenEval()
+    return MiniGenEval(soft=soft)
 
 
 register("jpeg_compressibility", jpeg_compressibility, replace=False)

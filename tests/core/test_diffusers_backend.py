@@ -128,8 +128,9 @@ def test_a_trained_lora_exported_to_diffusers_reloads_with_diffusers_loader(arch
 def test_the_diffusers_backend_loads_a_saved_pipeline_folder(tmp_path):
     pipeline = tiny.tiny_sd3_pipeline()
     pipeline.save_pretrained(tmp_path / "sd3")
+    # float32 named: the default follows the CPU (bfloat16 where native and faster, tests/core/test_precision.py)
     loaded = models.build("diffusers", path=str(tmp_path / "sd3"), device="cpu", cache_dir=str(tmp_path),
-                          max_sequence_length=TOKENS)
+                          max_sequence_length=TOKENS, dtype="float32")
     assert isinstance(loaded, DiffusersFlowModel) and loaded.sample_shape == (16, 8, 8)
     assert loaded.default_prompts and loaded.dtype == torch.float32
     reference = _model(pipeline)

@@ -3,6 +3,8 @@
 import pathlib
 import subprocess
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMFY_CLI = ROOT / ".cache" / "comfy-cli" / "bin" / "comfy"  # make install puts comfy-cli there
 
@@ -36,24 +38,58 @@ def test_requirements_txt_is_the_dependencies_without_what_comfyui_provides():
     assert listed == {name: spec for name, spec in declared.items() if name not in PROVIDED_BY_COMFYUI}
 
 
-def test_installing_requirements_txt_keeps_the_installed_torch(tmp_path):
-    """pip, asked to install requirements.txt into a Python whose torch is an older one (2.1.0, the oldest
-    pyproject.toml admits), plans nothing for torch, torchvision or torchaudio."""
+def _torch_floor() -> str:
+    import tomllib
+    from packaging.requirements import Requirement
+
+    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(line)
+        if requirement.name == "torch":
+            (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            return floor
+    raise AssertionError("pyproject.toml declares no torch floor")
+
+
+def _pulled_in_by(report: dict, names: set[str]) -> list[str]:
+    """The planned packages whose requirements name one of ``names`` (what made pip plan them)."""
+    from packaging.requirements import Requirement
+
+    culprits = []
+    for item in report["install"]:
+        for line in item["metadata"].get("requires_dist") or []:
+            requirement = Requirement(line)
+            if requirement.name.lower() in names and (requirement.marker is None
+                                                      or requirement.marker.evaluate({"extra": ""})):
+                culprits.append(f"{item['metadata']['name']} {item['metadata']['version']} requires {line}")
+    return culprits
+
+
+@pytest.mark.parametrize("torch_version", ["floor", "installed"])
+def test_installing_requirements_txt_keeps_the_installed_torch(tmp_path, torch_version):
+    """pip, asked to install requirements.txt into a Python whose torch is the oldest pyproject.toml admits (the
+    floor ComfyUI 0.3.75 needs) or today's, plans nothing for torch, torchvision or torchaudio (live registries)."""
     import json
     import sys
 
+    import torch
+
+    version = _torch_floor() if torch_version == "floor" else torch.__version__.split("+")[0]
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=300)
     python = tmp_path / "venv" / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    installed = pathlib.Path(site) / "torch-2.1.0.dist-info"  # what pip reads of an installed torch: its metadata
+    installed = pathlib.Path(site) / f"torch-{version}.dist-info"  # what pip reads of an installed torch: metadata
     installed.mkdir()
-    (installed / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.1.0\n")
+    (installed / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
     (installed / "INSTALLER").write_text("pip\n")
     (installed / "RECORD").write_text("")
-    report = tmp_path / "report.json"
-    result = subprocess.run([str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+    report_path = tmp_path / "report.json"
+    result = subprocess.run([str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report_path),
                              "-r", str(ROOT / "requirements.txt")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    planned = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
-    assert "peft" in planned and not PROVIDED_BY_COMFYUI & planned, planned
+    report = json.loads(report_path.read_text())
+    planned = {item["metadata"]["name"].lower() for item in report["install"]}
+    assert "peft" in planned, planned
+    assert not PROVIDED_BY_COMFYUI & planned, (
+        f"with torch {version} installed pip plans {sorted(PROVIDED_BY_COMFYUI & planned)}, pulled in by: "
+        + "; ".join(_pulled_in_by(report, PROVIDED_BY_COMFYUI)))
