@@ -33,7 +33,7 @@ install: $(STAMP)
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The seconds-scale core tests only (no ComfyUI server, no training run, no browser): a few minutes, for every edit.
 test-fast: install
