@@ -1,7 +1,7 @@
 """SFGRPOTweediePreview: what each denoising step "means" — the clean image every step of a trajectory points at.
 
-Stepwise-Flow-GRPO credits each step with the reward gain of its clean estimate (algorithm.md section 4). This node
-samples with the trainer's own SDE step (nodes/sampler.py ``sample_sfgrpo``, through ComfyUI's SamplerCustom
+Stepwise-Flow-GRPO credits each step with the reward gain of its clean estimate (docs/algorithm.md section 4).
+This node samples with the trainer's own SDE step (nodes/sampler.py ``sample_sfgrpo``, through ComfyUI's SamplerCustom
 machinery: noise, conds, CFG, latent in/out) and, at every step, completes the current x_k to a clean estimate with
 ``sfgrpo_core.algorithm.tweedie.complete`` through the very guided denoiser the sampler uses. The estimates are
 decoded with the VAE and, when a reward is connected, scored and drawn as the paper's Figure 1

@@ -35,9 +35,6 @@ class PromptSet:
         if len(self.texts) != len(self.conditionings):
             raise ValueError(f"{len(self.texts)} prompts but {len(self.conditionings)} conditionings")
 
-    def conditioning_of(self, text: str) -> Any:
-        return self.conditionings[self.texts.index(text)]
-
 
 @dataclass(frozen=True)
 class LoadedReward:

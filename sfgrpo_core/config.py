@@ -2,7 +2,7 @@
 
 The CLI (``sfgrpo train --train.group_size 16``), config files (YAML/JSON, one mapping per section) and the
 ComfyUI node widgets are all built from these fields, so defaults and tooltips live here and only here.
-Defaults follow Flow-GRPO / Stepwise-Flow-GRPO (algorithm.md section 7) unless the field says "(ours)".
+Defaults follow Flow-GRPO / Stepwise-Flow-GRPO (docs/algorithm.md section 7) unless the field says "(ours)".
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The paper's math: pure functions, tensor in, tensor out, float32 inside, no state and no I/O.
 
-It imports torch and nothing else of the project. Equations: ../shared/notes/algorithm.md.
+It imports torch and nothing else of the project. Equations: docs/algorithm.md.
 
-| module        | what                                                                        | algorithm.md |
-|---------------|-----------------------------------------------------------------------------|--------------|
+| module        | what                                                                        | docs/algorithm.md |
+|---------------|-----------------------------------------------------------------------------|-------------------|
 | sde.py        | Flow-GRPO SDE, DDIM-inspired SDE, CPS, ODE; exact Gaussian log-probs          | sections 1-3 |
 | schedule.py   | the SD3 sigma grid                                                          |              |
 | tweedie.py    | Tweedie x0 / x1 estimates, T'-substep ODE completion                        | section 4    |

@@ -1,4 +1,4 @@
-"""Gains and group-relative advantages (algorithm.md section 5): the advantage math of both credit methods.
+"""Gains and group-relative advantages (docs/algorithm.md section 5): the advantage math of both credit methods.
 
 Index convention (see ``sfgrpo_core.algorithm``): rewards[:, k] is r_k, the reward of the clean completion of step
 k's state (state 0 is the initial noise x_1, state T the final sample). Transition k goes from state k to state

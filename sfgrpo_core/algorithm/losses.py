@@ -1,4 +1,4 @@
-"""The clipped GRPO policy loss and the KL penalty to the reference policy (algorithm.md section 6)."""
+"""The clipped GRPO policy loss and the KL penalty to the reference policy (docs/algorithm.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Stochastic samplers for rectified-flow models, with exact Gaussian log-probabilities.
 
-Conventions (see ../shared/notes/algorithm.md): x_t = (1 - t) x0 + t x1, t = sigma in [0, 1], t = 1 is noise,
+Conventions (see docs/algorithm.md): x_t = (1 - t) x0 + t x1, t = sigma in [0, 1], t = 1 is noise,
 the model predicts the velocity v = x1 - x0, and one step goes from ``sigma`` (t) to ``sigma_next`` (s < t).
 
 Each sampler is a small pure function ``(x, velocity, t, s, strength) -> (mean, std)`` of one Gaussian step (its
@@ -28,7 +28,7 @@ import torch
 from .broadcast import expand_like, per_sample
 
 # Steps whose noise std is below this are deterministic for all practical purposes: their log-density is not a
-# usable policy (it explodes as 1/std^2), so they are masked out of the loss (algorithm.md section 2, ours).
+# usable policy (it explodes as 1/std^2), so they are masked out of the loss (docs/algorithm.md section 2, ours).
 MIN_TRAINABLE_STD = 1e-4
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -88,7 +88,7 @@ float32. ``strength`` is the sampler's noise knob (eta, or the noise level a).""
 
 def flow_grpo_policy(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
                      noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow-GRPO's SDE (algorithm.md section 1), strength = the noise level a >= 0.
+    """Flow-GRPO's SDE (docs/algorithm.md section 1), strength = the noise level a >= 0.
 
     std_t = a sqrt(t / (1 - t)) (with 1 - s in the denominator at t = 1),
     mean = x + (s - t) [v + std_t^2 / (2 t) (x + (1 - t) v)],  step std = std_t sqrt(t - s).
@@ -103,7 +103,7 @@ def flow_grpo_policy(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, s
 
 
 def _ddim_mean(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, s: torch.Tensor, std: torch.Tensor):
-    """mean = (1 - s) x0_hat + sqrt(s^2 - sigma_t^2) x1_hat (algorithm.md section 2)."""
+    """mean = (1 - s) x0_hat + sqrt(s^2 - sigma_t^2) x1_hat (docs/algorithm.md section 2)."""
     tb, sb = expand_like(t, x), expand_like(s, x)
     x0_hat = x - tb * velocity
     x1_hat = x + (1 - tb) * velocity
@@ -113,7 +113,7 @@ def _ddim_mean(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, s: torc
 
 def ddim_policy(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
                 eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's DDIM-inspired SDE (Stepwise-Flow-GRPO, algorithm.md section 2), strength = eta in [0, 1].
+    """The paper's DDIM-inspired SDE (Stepwise-Flow-GRPO, docs/algorithm.md section 2), strength = eta in [0, 1].
 
     sigma_t = eta s sqrt(1 - t); mean = (1 - s) x0_hat + sqrt(s^2 - sigma_t^2) x1_hat; std = sigma_t.
     sigma_t is 0 at t = 1 and at s = 0: those steps are deterministic (std 0, log_prob 0, masked in the loss).

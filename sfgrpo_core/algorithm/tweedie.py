@@ -1,4 +1,4 @@
-"""Posterior-mean (Tweedie) estimates and their deterministic ODE completion (algorithm.md section 4).
+"""Posterior-mean (Tweedie) estimates and their deterministic ODE completion (docs/algorithm.md section 4).
 
 With x_t = (1 - t) x0 + t x1 and v = x1 - x0: x0_hat = x_t - t v and x1_hat = x_t + (1 - t) v.
 """

@@ -2,7 +2,7 @@
 autoencoder's latents, jointly with the tiny text encoder, with caption dropout so classifier-free guidance works.
 
 Shapes follow what ComfyUI's UNETLoader accepts for SD3 (attention_head_dim 64, num_layers == heads,
-caption_projection_dim == 64 * heads; ../shared/notes/comfyui.md).
+caption_projection_dim == 64 * heads: ComfyUI's model detection derives the widths from the weights).
 """
 
 from __future__ import annotations

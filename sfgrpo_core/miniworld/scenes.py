@@ -90,12 +90,6 @@ class PromptSpec:
             raise ValueError(f"a {self.category} spec needs a count: {self!r}")
         return self.count
 
-    def required_relation(self) -> str:
-        """``relation`` of a position spec; raises ValueError when it is missing (a spec built wrong)."""
-        if self.relation is None:
-            raise ValueError(f"a {self.category} spec needs a relation: {self!r}")
-        return self.relation
-
 
 @dataclass(frozen=True)
 class PlacedObject:

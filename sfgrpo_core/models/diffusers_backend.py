@@ -8,7 +8,7 @@ our Euler steps ``x + (s - t) v`` is exactly FlowMatchEulerDiscreteScheduler.ste
   (e.g. 3.5) for guidance-distilled models, ``txt_ids`` are zeros [L, 3] and ``img_ids`` (0, row, col) per patch;
   the output is unpacked back to [B, C, H, W].
 Both predict v = x1 - x0 for x_t = (1 - t) x0 + t x1 (t = sigma). No classifier-free guidance: one conditional
-branch per sample (algorithm.md section 6).
+branch per sample (docs/algorithm.md section 6).
 """
 
 from __future__ import annotations

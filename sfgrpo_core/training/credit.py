@@ -1,7 +1,7 @@
 """Credit methods, chosen by name: how a rollout becomes per-transition advantages (rewards -> gains -> advantages).
 
 - ``stepwise`` (Stepwise-Flow-GRPO): reward the clean completion of every state, credit each transition with its
-  gain r_{k+1} - r_k, normalize jointly over the group (algorithm.md sections 4-5).
+  gain r_{k+1} - r_k, normalize jointly over the group (docs/algorithm.md sections 4-5).
 - ``flow_grpo``: reward the final sample only; every transition gets the trajectory's group-relative advantage.
 """
 

@@ -1,4 +1,4 @@
-"""Step rewards (algorithm.md section 4): every state of every trajectory completed to a clean estimate, decoded
+"""Step rewards (docs/algorithm.md section 4): every state of every trajectory completed to a clean estimate, decoded
 exactly like a final image, and scored.
 
 Index convention: state k of a trajectory is x at sigma_k; state 0 is the initial noise x_1 (t = 1), state T the final
@@ -44,10 +44,10 @@ def score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torc
 def scored_states(active: torch.Tensor) -> torch.Tensor:
     """The states whose reward the loss uses: [N, T + 1] bool from the [N, T] ``active`` transitions.
 
-    A gain g_k = r_{k+1} - r_k enters the advantages only where transition k trains (algorithm.md section 5: masked
-    gains are left out of the statistics and the loss), so only the two ends of active transitions need a reward;
-    the final samples are always scored (the logged reward, zero-variance groups). On the mini world's 8-step DDIM
-    grid this leaves out r_0 (the deterministic step from t = 1) and r_7 (the steps into sigma ~0.009 and 0 do not
+    A gain g_k = r_{k+1} - r_k enters the advantages only where transition k trains (docs/algorithm.md section 5:
+    masked gains are left out of the statistics and the loss), so only the two ends of active transitions need a
+    reward; the final samples are always scored (the logged reward, zero-variance groups). On the mini world's 8-step
+    DDIM grid this leaves out r_0 (the deterministic step from t = 1) and r_7 (the steps into sigma ~0.009 and 0 do not
     train): 52 of 344 images an iteration, with the advantages unchanged.
     """
     if active.ndim != 2:

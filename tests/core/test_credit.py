@@ -1,4 +1,4 @@
-"""Defining properties of gains and advantages (algorithm.md section 5)."""
+"""Defining properties of gains and advantages (docs/algorithm.md section 5)."""
 
 import pytest
 import torch

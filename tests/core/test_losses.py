@@ -1,4 +1,4 @@
-"""Defining properties of the clipped GRPO loss and the KL penalty (algorithm.md section 6)."""
+"""Defining properties of the clipped GRPO loss and the KL penalty (docs/algorithm.md section 6)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Defining properties of the sampler steps (algorithm.md sections 1-3)."""
+"""Defining properties of the sampler steps (docs/algorithm.md sections 1-3)."""
 
 import math
 

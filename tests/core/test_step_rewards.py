@@ -1,4 +1,5 @@
-"""Step rewards (algorithm.md section 4): which image each r_k scores, r_0 once per group, batching, reward calls."""
+"""Step rewards (docs/algorithm.md section 4): which image each r_k scores, r_0 once per group, batching, reward
+calls."""
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ The reward here is jpeg_incompressibility (kB of the image as a JPEG), which the
 within a dozen iterations (measured 1.457 -> 1.527 -> 1.726 -> 2.196 kB at iterations 0 / 4 / 8 / 12 on an AVX2 CPU
 in float32, 3 min). The shipped recipe's own reward, MiniGenEval, needs far longer to move beyond its evaluation noise
 (+-0.03): 40 iterations gave 0.302 -> 0.345 on the float32 path and 0.302 -> 0.385 on the bfloat16 one, one seed
-each; its learning is measured with several seeds by `sfgrpo bench paper` (docs in the README), not here.
+each; its learning is measured with several seeds by `sfgrpo bench paper` (docs/results.md), not here.
 """
 
 import json
