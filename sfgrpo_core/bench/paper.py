@@ -336,8 +336,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 
 def markdown_table(summary: dict[str, Any], points: Sequence[int] = (0, 50, 100, 150)) -> str:
-    """The results table (docs/results.md): per arm, held-out mean +- std over seeds at ``points``, the per-seed finals, strict
-    accuracy, the largest drop from a run's peak, seconds and reward calls per iteration."""
+    """The results table (docs/results.md): per arm, held-out mean +- std over seeds at ``points``, the per-seed
+    finals, strict accuracy, the largest drop from a run's peak, seconds and reward calls per iteration."""
     head = ["arm", "seeds", *[f"{point} it" for point in points], "final per seed", "strict final",
             "max drop from peak", "s/it", "reward calls/it"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
