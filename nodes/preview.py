@@ -22,7 +22,7 @@ from ..sfgrpo_core.algorithm.tweedie import complete
 from ..sfgrpo_core.training.figures import message_image, step_reward_figure
 from .comfy_model import patched_model_sampling
 from .rewards import score_images
-from .sampler import STRENGTH_TOOLTIP, require_flow_sampling, sample_sfgrpo
+from .sampler import DEFAULT_ETA, STRENGTH_TOOLTIP, require_flow_sampling, sample_sfgrpo
 from .types import CATEGORY as PACK_CATEGORY
 from .types import LoadedReward, Reward, image_tensor, require_finite
 
@@ -111,7 +111,7 @@ class SFGRPOTweediePreview(io.ComfyNode):
                 io.Combo.Input("sde", options=list(SDE_NAMES), default="ddim",
                                tooltip="ddim: the paper's SDE; flow_grpo: Flow-GRPO's SDE; cps: coefficient-"
                                        "preserving sampling; ode: deterministic Euler (strength is ignored)."),
-                io.Float.Input("strength", default=0.7, min=0.0, max=1.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
+                io.Float.Input("strength", default=DEFAULT_ETA, min=0.0, max=1.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
                 io.Int.Input("substeps", default=1, min=1, max=100, display_name="substeps (T')",
                              tooltip="How each step is completed to a clean image: 1 = the one-step Tweedie "
                                      "estimate x - t v (free: the sampler's own model call); T' > 1 = T' Euler ODE "

@@ -10,17 +10,20 @@ import torch
 from comfy_api.latest import io
 
 from ..sfgrpo_core.algorithm.sde import SDE_NAMES, get_step_function
+from ..sfgrpo_core.config import SamplerConfig
 from ..sfgrpo_core.seeding import derive_seed, member_generators, member_noise
 from .types import CATEGORY as PACK_CATEGORY
 from .types import require_finite
 
 CATEGORY = f"{PACK_CATEGORY}/sampling"
 
-# KSampler list name -> (sde, strength): the trainer's defaults (config.py: eta = noise_level = 0.7).
+# The trainer's default noise strengths (SamplerConfig: eta for ddim and cps, noise_level for flow_grpo).
+DEFAULT_ETA, DEFAULT_NOISE_LEVEL = SamplerConfig().eta, SamplerConfig().noise_level
+# KSampler list name -> (sde, strength)
 KSAMPLER_SDES = {
-    "sfgrpo_ddim_sde": ("ddim", 0.7),
-    "sfgrpo_flow_sde": ("flow_grpo", 0.7),
-    "sfgrpo_cps_sde": ("cps", 0.7),
+    "sfgrpo_ddim_sde": ("ddim", DEFAULT_ETA),
+    "sfgrpo_flow_sde": ("flow_grpo", DEFAULT_NOISE_LEVEL),
+    "sfgrpo_cps_sde": ("cps", DEFAULT_ETA),
 }
 
 STRENGTH_TOOLTIP = (
@@ -64,7 +67,7 @@ def step_generators(seed: int | None, batch_size: int, device: str | torch.devic
 
 @torch.no_grad()
 def sample_sfgrpo(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback=None,
-                  disable: bool | None = None, sde: str = "ddim", strength: float = 0.7) -> torch.Tensor:
+                  disable: bool | None = None, sde: str = "ddim", strength: float = DEFAULT_ETA) -> torch.Tensor:
     """k-diffusion style sampler: ``sde`` steps of sfgrpo_core from sigmas[0] to sigmas[-1].
 
     Args:
@@ -151,7 +154,7 @@ class SFGRPOSampler(io.ComfyNode):
                 io.Combo.Input("sde", options=list(SDE_NAMES), default="ddim", tooltip=(
                     "ddim: the paper's DDIM-inspired SDE (few steps); flow_grpo: Flow-GRPO's SDE; cps: coefficient-"
                     "preserving sampling; ode: deterministic Euler.")),
-                io.Float.Input("strength", default=0.7, min=0.0, max=1.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
+                io.Float.Input("strength", default=DEFAULT_ETA, min=0.0, max=1.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
             ],
             outputs=[io.Sampler.Output(display_name="sampler",
                                        tooltip="The sampler; connect it to SamplerCustom or SamplerCustomAdvanced.")],

@@ -87,7 +87,8 @@ def update_policy(model: VelocityModel, optimizer: torch.optim.Optimizer, rollou
     total, rows = len(members), team.rows(len(active))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if total == 0:
-        return UpdateStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
+        return UpdateStats(loss=0.0, ratio_mean=1.0, clip_fraction=0.0, approx_kl=0.0, kl_penalty=0.0, grad_norm=0.0,
+                           transitions=0, optimizer_steps=0)
     order = torch.randperm(total, generator=generator)
     names = ("loss", "ratio_mean", "clip_fraction", "approx_kl", "kl_penalty")
     sums = dict.fromkeys(names, 0.0)
