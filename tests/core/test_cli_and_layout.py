@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -15,6 +16,7 @@ def _sfgrpo(*args, cwd=None):
                           cwd=cwd or ROOT, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess or an install: left out by make test-fast
 def test_train_then_resume_then_diagnose_from_the_command_line(toy_base_path, tmp_path):
     run = tmp_path / "run"
     common = ["configs/toy.yaml", "--model.path", str(toy_base_path), "--train.output_dir", str(run)]
@@ -33,6 +35,7 @@ def test_train_then_resume_then_diagnose_from_the_command_line(toy_base_path, tm
     assert checked.stdout.count("PASS") == 4
 
 
+@pytest.mark.slow  # a subprocess or an install: left out by make test-fast
 def test_config_command_and_flag_errors():
     shown = _sfgrpo("config", "configs/toy.yaml", "--train.group_size", "4")
     assert shown.returncode == 0

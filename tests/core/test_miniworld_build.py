@@ -40,6 +40,7 @@ def test_committed_weights_load_and_reproduce_the_manifest_score():
     assert abs(scores["mean"] - manifest["minigeneval_heldout"]["mean"]) < 0.2, scores
 
 
+@pytest.mark.slow  # a subprocess or an install: left out by make test-fast
 def test_tiny_builds_reproduce(tmp_path):
     """Same settings, same weights: bit-identical almost always; CPU bf16 kernels were once seen to differ in the
     last bits under heavy load, so the check is a tight tolerance rather than equal hashes."""

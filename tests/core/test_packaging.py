@@ -64,6 +64,7 @@ def _pulled_in_by(report: dict, names: set[str]) -> list[str]:
     return culprits
 
 
+@pytest.mark.slow  # a subprocess or an install: left out by make test-fast
 @pytest.mark.parametrize("torch_version", ["floor", "installed"])
 def test_installing_requirements_txt_keeps_the_installed_torch(tmp_path, torch_version):
     """pip, asked to install requirements.txt into a Python whose torch is the oldest pyproject.toml admits (the

@@ -150,6 +150,7 @@ def test_remote_refuses_bad_options_naming_them(options, field):
         Remote(**options)
 
 
+@pytest.mark.slow  # a subprocess or an install: left out by make test-fast
 def test_the_cli_serves_a_reward_until_stopped():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

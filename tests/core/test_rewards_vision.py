@@ -295,6 +295,7 @@ IMAGEREWARD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess or an install: left out by make test-fast
 def test_imagereward_with_the_real_package(tmp_path):
     """The real image-reward package (and its timm 0.6.13 / transformers 4 pins) in a subprocess whose PYTHONPATH puts
     them before this environment's; a tiny-text-encoder ImageReward model with random weights and a stand-in
