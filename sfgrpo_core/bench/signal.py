@@ -171,6 +171,7 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
     values = torch.cat(all_values) if continuations else None
     return {"config": str(config_path), "sampling_steps": config.sampler.steps, "substeps": config.credit.substeps,
             "sde": config.sampler.sde, "eta": config.sampler.eta, "reward": config.train.reward,
+            "reward_options": config.reward_kwargs,
             "checkpoint": str(checkpoint) if checkpoint else None, "seed": config.train.seed,
             "continuations": continuations,
             **step_signal(torch.cat(all_rewards), torch.cat(all_groups), torch.cat(all_active), values)}

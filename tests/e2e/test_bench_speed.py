@@ -73,6 +73,7 @@ def test_bench_signal_scores_every_state_of_a_configs_rollouts(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shares sum to" in result.stdout
     record = json.loads(out.read_text())
+    assert record["reward"] == "toy_mode" and record["reward_options"] == {}
     # the toy config: 4 groups of 8, the Flow-GRPO SDE (every step but the last to sigma 0 is random)
     assert (record["sampling_steps"], record["substeps"], record["trajectories"]) == (6, 2, 32)
     assert [step["step"] for step in record["steps"]] == list(range(6))
