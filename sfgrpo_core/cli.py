@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     build = miniworld_commands.add_parser("build", help="rebuild the mini world's weights and manifest (~25 min on "
                                                         "2 cores)")
     build.add_argument("--out", default=None, help="output folder (default: the committed weights folder)")
+    build.add_argument("--pickscore", action="store_true",
+                       help="build only the mini_pickscore reward from the committed mini world (~20 min on one "
+                            "thread; default --out: miniworld/reward_weights)")
+    build.add_argument("--quick", action="store_true",
+                       help="with --pickscore and --out: a throwaway reward in seconds (checks the build)")
     return parser
 
 
@@ -255,6 +260,20 @@ def _rewards(args: argparse.Namespace) -> int:
 def _miniworld(args: argparse.Namespace) -> int:
     import json
 
+    if args.quick and not args.pickscore:
+        print("sfgrpo miniworld build: --quick needs --pickscore", file=sys.stderr)
+        return 2
+    if args.pickscore:
+        from .miniworld import pickscore
+
+        if args.quick and args.out is None:
+            print("sfgrpo miniworld build: --quick needs --out DIR (it would overwrite the committed reward)",
+                  file=sys.stderr)
+            return 2
+        settings = pickscore.QUICK if args.quick else pickscore.PickScoreSettings()
+        reward_manifest = pickscore.build_pickscore(args.out or pickscore.REWARD_WEIGHTS_DIR, settings)
+        print(json.dumps({key: reward_manifest[key] for key in ("seconds", "quality", "file")}, indent=2))
+        return 0
     from .miniworld.build import WEIGHTS_DIR, build
 
     manifest = build(args.out or WEIGHTS_DIR)
