@@ -847,7 +847,20 @@ def heldout_generations(settings: PickScoreSettings, components: tuple[Any, Any,
 def build_pickscore(out_dir: str | Path = REWARD_WEIGHTS_DIR, settings: PickScoreSettings = PickScoreSettings(), *,
                     progress: bool = True) -> dict[str, Any]:
     """Train the reward (stage a, then b), evaluate it as stored, write WEIGHTS_FILE and MANIFEST_FILE into out_dir
-    (atomically) and return the manifest."""
+    (atomically) and return the manifest.
+
+    Runs on one thread whatever torch's setting: with several, the CPU backward passes (the text encoder's embedding
+    gradient among them) accumulate in a varying order and two builds with the same seed would differ.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_pickscore(Path(out_dir), settings, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_pickscore(out_dir: Path, settings: PickScoreSettings, progress: bool) -> dict[str, Any]:
     from .build import _Bars, sha256
 
     out_dir = Path(out_dir)
