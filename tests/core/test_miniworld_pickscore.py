@@ -218,8 +218,8 @@ TINY = dataclasses.replace(pickscore.QUICK, contrastive_steps=4, preference_step
 
 @pytest.mark.slow  # builds the reward (loads the mini world): left out by make test-fast
 def test_quick_build_is_reproducible_and_writes_atomically(tmp_path):
-    first = pickscore.build_pickscore(tmp_path / "a", TINY, progress=False)
-    second = pickscore.build_pickscore(tmp_path / "b", TINY, progress=False)
+    pickscore.build_pickscore(tmp_path / "a", TINY, progress=False)
+    pickscore.build_pickscore(tmp_path / "b", TINY, progress=False)
     # The same seed gives the same weights up to float rounding: CPU kernels may round differently with the
     # memory alignment of their inputs, so two builds in one process are not always bit for bit equal.
     from safetensors.torch import load_file
