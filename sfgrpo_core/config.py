@@ -77,6 +77,11 @@ class CreditConfig:
     substeps: int = option(5, "T': Euler ODE substeps that complete each intermediate state to a clean estimate "
                               "before it is rewarded. 1 = the one-step Tweedie estimate; the paper finds 5 robust.",
                            minimum=1, maximum=100)
+    completion: str = option("uniform", "How each intermediate state is completed to a clean estimate: 'uniform' "
+                                        "(the paper's: T' = substeps Euler steps uniform in t) or 'grid' "
+                                        "(DenseGRPO's: the ODE over every remaining sampling step; substeps is "
+                                        "not used, and state k costs T - k - 1 model calls).",
+                             choices=("uniform", "grid"))
     normalization: str = option("joint", "'joint' normalizes gains over all (member, step) pairs of a group (the "
                                          "paper's); 'per_step' normalizes each step on its own (ablation only).",
                                 choices=("joint", "per_step"))

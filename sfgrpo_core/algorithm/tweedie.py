@@ -56,3 +56,29 @@ def complete(velocity_fn: VelocityFn, x: torch.Tensor, sigma: float | torch.Tens
         velocity = first_velocity if k == 0 and first_velocity is not None else velocity_fn(x, t)
         x = x + expand_like(s - t, x) * velocity.float()
     return x
+
+
+def complete_on_grid(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor,
+                     first_velocity: torch.Tensor | None = None) -> torch.Tensor:
+    """Complete ``x`` at ``sigmas[0]`` to a clean estimate by Euler ODE steps along the rest of the sampling grid
+    ``sigmas[0] > sigmas[1] > ... > sigmas[-1] = 0`` (DenseGRPO's completion: the deterministic sampler over every
+    remaining step, where ``complete`` takes T' steps uniform in t). A grid of two points [t, 0] is the one-step
+    Tweedie estimate x0_hat.
+
+    Args:
+        velocity_fn: fn(x, sigma [B]) -> velocity.
+        x: [B, ...] samples, all at ``sigmas[0]``.
+        sigmas: [M + 1] the remaining grid, ending at 0.
+        first_velocity: the velocity at (x, sigmas[0]) when the caller has it (the rollout's): saves one model call.
+
+    Returns:
+        [B, ...] float32 clean estimates.
+    """
+    if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0.0:
+        raise ValueError(f"sigmas must be a 1-D grid of at least two points ending at 0, got {sigmas.tolist()}")
+    x = x.float()
+    for k in range(len(sigmas) - 1):
+        t = per_sample(sigmas[k], x.shape[0], x.device)
+        velocity = first_velocity if k == 0 and first_velocity is not None else velocity_fn(x, t)
+        x = x + float(sigmas[k + 1] - sigmas[k]) * velocity.float()
+    return x

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..atomic import atomic_write_text
 from ..config import Config, load_config
@@ -76,6 +77,10 @@ ARMS: dict[str, Arm] = {
     "stepwise_cosine_hold": Arm(STEPWISE_CONFIG, {**COSINE_LR, "optim.lr_decay_iterations": PAPER_ITERATIONS},
                                 "configs/miniworld.yaml as shipped: stepwise_cosine's 150-iteration decay, then "
                                 "held at 1e-4 (with --iterations 300: the recipe over twice the benchmark's budget)"),
+    "dense": Arm(STEPWISE_CONFIG, {**CONSTANT_LR, "credit.normalization": "per_step", "credit.completion": "grid"},
+                 "DenseGRPO's credit (arXiv 2601.20218) on the Stepwise recipe: the same gains r_{k+1} - r_k, but "
+                 "each state completed by the ODE over every remaining grid step and the gains normalized per "
+                 "timestep across the group (its per-step noise calibration is not included)"),
     # More steps T: trajectory-level credit is shared by more transitions, so per-step credit should matter more.
     "flow_grpo_t16": Arm(FLOW_GRPO_CONFIG, {"sampler.steps": 16}, "Flow-GRPO as published with 16 sampling steps"),
     "stepwise_t16": Arm(STEPWISE_CONFIG, {**COSINE_LR, "sampler.steps": 16},
@@ -87,6 +92,7 @@ ARMS: dict[str, Arm] = {
                             "stepwise_cosine with groups of 24 (the paper's size), 2 groups: the same 48 samples"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
+GOLD_REWARD = "mini_geneval"  # the judge every run is evaluated with (GenEval's place in the paper)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,14 @@ class Plan:
     eval_every: int
     eval_prompts_per_category: int
     eval_samples: int
+    reward: str = GOLD_REWARD
+    reward_options: str = "{}"
+
+    @property
+    def judged_by_gold(self) -> bool:
+        """Whether the runs train on another reward than the gold judge (MiniGenEval, hard): then every evaluation
+        scores the samples with both, the training reward as the proxy and MiniGenEval as the gold."""
+        return (self.reward, json.loads(self.reward_options)) != (GOLD_REWARD, {})
 
     def runs(self) -> list[tuple[str, int]]:
         """(arm, seed) in the order they run: the main arms seed by seed, interleaved, then the ablations."""
@@ -107,14 +121,16 @@ class Plan:
         return order + [(arm, seed) for arm in self.arms if arm not in MAIN_ARMS for seed in self.ablation_seeds]
 
 
-def full_plan(arms: Sequence[str] = tuple(ARMS), iterations: int = PAPER_ITERATIONS) -> Plan:
+def full_plan(arms: Sequence[str] = tuple(ARMS), iterations: int = PAPER_ITERATIONS, reward: str = GOLD_REWARD,
+              reward_options: str = "{}") -> Plan:
     return Plan(arms=tuple(arms), main_seeds=(0, 1, 2), ablation_seeds=(0,), iterations=iterations,
-                eval_every=25, eval_prompts_per_category=8, eval_samples=8)
+                eval_every=25, eval_prompts_per_category=8, eval_samples=8, reward=reward,
+                reward_options=reward_options)
 
 
-def quick_plan(arms: Sequence[str] = MAIN_ARMS) -> Plan:
+def quick_plan(arms: Sequence[str] = MAIN_ARMS, reward: str = GOLD_REWARD, reward_options: str = "{}") -> Plan:
     return Plan(arms=tuple(arms), main_seeds=(0,), ablation_seeds=(0,), iterations=2, eval_every=1,
-                eval_prompts_per_category=1, eval_samples=2)
+                eval_prompts_per_category=1, eval_samples=2, reward=reward, reward_options=reward_options)
 
 
 def arm_config(arm: str, seed: int, plan: Plan, run_dir: Path, quick: bool = False, device: str = "cpu") -> Config:
@@ -123,7 +139,8 @@ def arm_config(arm: str, seed: int, plan: Plan, run_dir: Path, quick: bool = Fal
         "model.device": device,
         **ARMS[arm].changes, "train.seed": seed, "train.iterations": plan.iterations, "train.eval_every": 0,
         "train.checkpoint_every": plan.eval_every, "train.keep_checkpoints": plan.iterations // plan.eval_every + 1,
-        "train.output_dir": str(run_dir / "train"),
+        "train.output_dir": str(run_dir / "train"), "train.reward": plan.reward,
+        "train.reward_options": plan.reward_options,
     }
     if changes.get("optim.lr_schedule") == "cosine":  # decay over the plan's budget, whatever stage a run trains to
         changes.setdefault("optim.lr_decay_iterations", plan.iterations)
@@ -161,6 +178,9 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
     eval_config = config.replace(**{"train.eval_prompts": heldout_prompt_set(plan.eval_prompts_per_category),
                                     "train.eval_samples": plan.eval_samples})
     session = build_session(eval_config)
+    from .. import rewards
+
+    judges = {"gold": rewards.load(GOLD_REWARD)} if plan.judged_by_gold else {}
     base_lora = {name: value.clone() for name, value in session.model.module.state_dict().items() if "lora_" in name}
     for iteration in wanted:
         if iteration == 0:
@@ -169,16 +189,14 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
             folder = checkpoints / f"iter_{iteration:06d}"
             load_lora_state_dict(session.model.module, load_checkpoint(folder).lora)
         start = time.perf_counter()
-        result = evaluate(session)
-        scores = result.scores.numpy().astype(np.float64)
-        finite = scores[np.isfinite(scores)]
+        result = evaluate(session, judges)
+        gold = result.judged.get("gold", result.scores)
         record = {
-            "iteration": iteration,
-            "heldout": float(finite.mean()) if finite.size else math.nan,
-            "heldout_se": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else math.nan,
-            "strict": float((finite == 1.0).mean()) if finite.size else math.nan,
-            "samples": int(finite.size), "missing": int(scores.size - finite.size),
-            "per_category": category_means(result.scores, result.prompts),
+            "iteration": iteration, **_mean_and_se(result.scores, "heldout"),
+            # strict accuracy and categories are MiniGenEval's, whichever reward trained (GenEval after PickScore
+            # training, as the paper reports it)
+            "strict": _strict(gold), "per_category": category_means(gold, result.prompts),
+            **({"gold_reward": GOLD_REWARD, **_mean_and_se(gold, "gold_heldout")} if judges else {}),
             "eval_seconds": time.perf_counter() - start,
             **_cumulative(metrics, iteration),
         }
@@ -187,6 +205,23 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
         with path.open("a") as handle:
             handle.write(json.dumps(json_safe(record)) + "\n")
     return sorted(done, key=lambda record: record["iteration"])
+
+
+def _mean_and_se(scores: torch.Tensor, key: str) -> dict[str, Any]:
+    """{key: mean, key_se: its standard error} over the finite scores; with ``heldout`` also the counts."""
+    values = scores.numpy().astype(np.float64)
+    finite = values[np.isfinite(values)]
+    result = {key: float(finite.mean()) if finite.size else math.nan,
+              f"{key}_se": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else math.nan}
+    if key == "heldout":
+        result.update(samples=int(finite.size), missing=int(values.size - finite.size))
+    return result
+
+
+def _strict(scores: torch.Tensor) -> float:
+    """MiniGenEval's strict accuracy: the share of finite scores that are exactly 1 (every check passed)."""
+    finite = scores[torch.isfinite(scores)]
+    return float((finite == 1.0).double().mean()) if finite.numel() else math.nan
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:
@@ -224,10 +259,15 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
             "final_heldout": [complete[s]["evals"][-1]["heldout"] for s in sorted(complete)],
             "final_strict": [complete[s]["evals"][-1]["strict"] for s in sorted(complete)],
             "final_heldout_se": [complete[s]["evals"][-1]["heldout_se"] for s in sorted(complete)],
+            **({"final_gold_heldout": [complete[s]["evals"][-1]["gold_heldout"] for s in sorted(complete)],
+                "final_gold_heldout_se": [complete[s]["evals"][-1]["gold_heldout_se"] for s in sorted(complete)]}
+               if plan.judged_by_gold else {}),
             "base_heldout": [run["evals"][0]["heldout"] for run in runs.values() if run["evals"][0]["iteration"] == 0],
             "curve": {str(i): {"seeds": [seed for seed, run in runs.items()
                                          if any(r["iteration"] == i for r in run["evals"])],
                                "heldout": _per_seed(runs, i, "heldout"), "strict": _per_seed(runs, i, "strict"),
+                               **({"gold_heldout": _per_seed(runs, i, "gold_heldout")} if plan.judged_by_gold
+                                  else {}),
                                "seconds": _per_seed(runs, i, "seconds"), "model_calls": _per_seed(runs, i,
                                                                                                   "model_calls"),
                                "reward_calls": _per_seed(runs, i, "reward_calls")} for i in iterations},
@@ -241,7 +281,8 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
             "reward_calls_per_iteration": _mean([r["reward_calls"] for r in trained]),
         }
     summary: dict[str, Any] = {
-        "command": command, "device": device, "plan": plan.__dict__ | {"arms": list(plan.arms)}, "arms": arms,
+        "command": command, "device": device, "reward": plan.reward, "reward_options": json.loads(plan.reward_options),
+        "gold_reward": GOLD_REWARD, "plan": plan.__dict__ | {"arms": list(plan.arms)}, "arms": arms,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     summary.update(catch_up(arms.get("stepwise"), arms.get("flow_grpo"), plan.iterations))
@@ -326,7 +367,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
             axis.fill_between(xs, mean - std, mean + std, color=f"C{index}", alpha=0.12)
     by_iteration.set_xlabel("iteration")
     by_seconds.set_xlabel(f"training seconds on {summary.get('device', 'cpu')} (evaluation excluded)")
-    by_iteration.set_ylabel("held-out MiniGenEval (partial credit)")
+    by_iteration.set_ylabel(f"held-out {_reward_label(summary)}")
     for axis in (by_iteration, by_seconds):
         axis.grid(alpha=0.3)
     by_iteration.legend(fontsize=7, loc="best")
@@ -335,11 +376,50 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return save_png(figure_pixels(canvas), path)
 
 
+def _reward_label(summary: dict[str, Any]) -> str:
+    reward = summary.get("reward", GOLD_REWARD)
+    if reward == GOLD_REWARD and not summary.get("reward_options"):
+        return "MiniGenEval (partial credit)"
+    return f"{reward} {json.dumps(summary['reward_options'])}" if summary.get("reward_options") else reward
+
+
+def plot_proxy_vs_gold(summary: dict[str, Any], path: Path) -> Path:
+    """Whether training on the proxy reward moves the gold judge: held-out MiniGenEval against iterations, and
+    against the held-out proxy reward (each point an evaluation, mean over seeds; one line per arm, per-seed points
+    faint). A proxy that rises while the gold stays or falls is being hacked."""
+    from ..training.figures import figure_pixels, new_figure, save_png
+
+    figure, canvas = new_figure((1100, 420))
+    by_iteration, by_proxy = figure.subplots(1, 2, sharey=True)
+    for index, (arm, data) in enumerate(summary["arms"].items()):
+        points = sorted(data["curve"].items(), key=lambda item: int(item[0]))
+        x = np.array([int(i) for i, _ in points])
+        gold = np.array([_mean(p["gold_heldout"]) for _, p in points])
+        proxy = np.array([_mean(p["heldout"]) for _, p in points])
+        label = f"{arm} ({len(data['seeds_started'])} seeds)"
+        width = 2.2 if arm in MAIN_ARMS else 1.0
+        by_iteration.plot(x, gold, "o-", color=f"C{index}", linewidth=width, markersize=3, label=label)
+        by_proxy.plot(proxy, gold, "o-", color=f"C{index}", linewidth=width, markersize=3, label=label)
+        for _, point in points:
+            by_proxy.scatter(point["heldout"], point["gold_heldout"], color=f"C{index}", s=6, alpha=0.3)
+    by_iteration.set_xlabel("iteration")
+    by_proxy.set_xlabel(f"held-out {_reward_label(summary)} (the proxy trained on)")
+    by_iteration.set_ylabel("held-out MiniGenEval (partial credit; the gold judge)")
+    for axis in (by_iteration, by_proxy):
+        axis.grid(alpha=0.3)
+    by_iteration.legend(fontsize=7, loc="best")
+    figure.suptitle("sfgrpo bench paper: proxy against gold, mean over seeds (faint: single seeds)", fontsize=10)
+    figure.tight_layout()
+    return save_png(figure_pixels(canvas), path)
+
+
 def markdown_table(summary: dict[str, Any], points: Sequence[int] = (0, 50, 100, 150)) -> str:
     """The results table (docs/results.md): per arm, held-out mean +- std over seeds at ``points``, the per-seed
     finals, strict accuracy, the largest drop from a run's peak, seconds and reward calls per iteration."""
-    head = ["arm", "seeds", *[f"{point} it" for point in points], "final per seed", "strict final",
-            "max drop from peak", "s/it", "reward calls/it"]
+    gold = "final_gold_heldout" in next(iter(summary["arms"].values()), {})
+    head = ["arm", "seeds", *[f"{point} it" for point in points], "final per seed",
+            *(["MiniGenEval final per seed"] if gold else []), "strict final", "max drop from peak", "s/it",
+            "reward calls/it"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, data in summary["arms"].items():
         cells = [arm, str(len(data["seeds_started"]))]
@@ -348,6 +428,7 @@ def markdown_table(summary: dict[str, Any], points: Sequence[int] = (0, 50, 100,
             cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}" if len(values) > 1 else
                          f"{values[0]:.3f}" if values else "")
         cells += [", ".join(f"{value:.3f}" for value in data["final_heldout"]),
+                  *([", ".join(f"{value:.3f}" for value in data["final_gold_heldout"])] if gold else []),
                   ", ".join(f"{value:.3f}" for value in data["final_strict"]),
                   ", ".join(f"{value:.3f}" for value in data.get("largest_drop_from_peak", [])),
                   f"{data['seconds_per_iteration']:.2f}", f"{data['reward_calls_per_iteration']:.0f}"]
@@ -356,7 +437,13 @@ def markdown_table(summary: dict[str, Any], points: Sequence[int] = (0, 50, 100,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="benchmarks/results/paper", help="results folder (resumable)")
+    parser.add_argument("--out", default="", help="results folder (resumable); default benchmarks/results/paper, or "
+                                                  "benchmarks/results/paper_<reward> for another --reward")
+    parser.add_argument("--reward", default=GOLD_REWARD,
+                        help="the reward every arm trains on (a registered name, e.g. mini_pickscore: the paper's "
+                             "PickScore protocol); other than mini_geneval, every evaluation also scores the samples "
+                             "with MiniGenEval, the gold judge")
+    parser.add_argument("--reward-options", default="{}", help='JSON options of --reward, e.g. \'{"soft": true}\'')
     parser.add_argument("--quick", action="store_true", help="a smoke test of minutes (2 iterations, 1 seed)")
     parser.add_argument("--arms", default="", help=f"comma-separated subset of: {', '.join(ARMS)}")
     parser.add_argument("--seeds", default="", help="comma-separated seeds to run for every chosen arm instead of the "
@@ -368,6 +455,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--combine", default="", metavar="MAIN,OTHER,...",
                         help="write one JSON (--out is the file) from the paper.json of several results folders: the "
                              "first one's arms and ratios at the top, every folder's summary under 'runs'")
+
+
+def _json_options(text: str) -> dict[str, Any]:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"sfgrpo bench paper: --reward-options: not JSON ({error}); give an object, e.g. "
+                         '\'{"soft": true}\'') from None
+    if not isinstance(options, dict):
+        raise SystemExit(f"sfgrpo bench paper: --reward-options: give a JSON object, got {text}")
+    return options
 
 
 def combine(folders: Sequence[Path], path: Path) -> dict[str, Any]:
@@ -394,12 +492,33 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"sfgrpo bench paper: --iterations: {args.iterations} is not a positive multiple of 25 (the "
               "evaluation interval); give e.g. 150 or 300")
         return 2
-    plan = quick_plan(arms or MAIN_ARMS) if args.quick else full_plan(arms or tuple(ARMS), args.iterations)
-    out = Path(args.out)
+    from .. import rewards
+
+    try:
+        rewards.load(args.reward, **_json_options(args.reward_options))
+    except ValueError as error:
+        print(f"sfgrpo bench paper: --reward {args.reward} --reward-options {args.reward_options}: {error}")
+        return 2
+    reward_options = json.dumps(_json_options(args.reward_options), sort_keys=True)
+    plan = (quick_plan(arms or MAIN_ARMS, args.reward, reward_options) if args.quick else
+            full_plan(arms or tuple(ARMS), args.iterations, args.reward, reward_options))
+    out = Path(args.out or ("benchmarks/results/paper" if not plan.judged_by_gold else
+                            f"benchmarks/results/paper_{args.reward.removeprefix('mini_')}"))
+    written = out / "paper.json"
+    if written.is_file():
+        before = json.loads(written.read_text())
+        if (before.get("reward", GOLD_REWARD), before.get("reward_options", {})) != (plan.reward,
+                                                                                       json.loads(reward_options)):
+            print(f"sfgrpo bench paper: --out {out} holds runs trained on {before.get('reward', GOLD_REWARD)} "
+                  f"{before.get('reward_options', {})}; give another --out for --reward {plan.reward}")
+            return 2
     command = " ".join(["sfgrpo bench paper", *(["--quick"] if args.quick else []),
                         *([f"--arms {args.arms}"] if arms else []), *([f"--seeds {args.seeds}"] if args.seeds else []),
                         *([f"--device {args.device}"] if args.device != "cpu" else []),
-                        *([f"--iterations {args.iterations}"] if args.iterations != PAPER_ITERATIONS else [])])
+                        *([f"--iterations {args.iterations}"] if args.iterations != PAPER_ITERATIONS else []),
+                        *([f"--reward {plan.reward}"] if plan.reward != GOLD_REWARD else []),
+                        *([f"--reward-options '{reward_options}'"] if json.loads(reward_options) else []),
+                        *([f"--out {args.out}"] if args.out else [])])
     seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     runs = [(arm, seed) for arm in plan.arms for seed in seeds] if seeds else plan.runs()
     if not args.summary_only:
@@ -419,6 +538,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             summarize(plan, out, command, args.device)
     summary = summarize(plan, out, command, args.device)
     plot(summary, out / "paper.png")
+    if plan.judged_by_gold:
+        plot_proxy_vs_gold(summary, out / "proxy_vs_gold.png")
     for arm, data in summary["arms"].items():
         finals = data["final_heldout"]
         if finals:

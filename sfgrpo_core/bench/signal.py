@@ -160,7 +160,7 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
     for iteration in range(batches):
         recorded = collect(session, iteration)
         scored = step_rewards(session.model, recorded, session.reward, substeps=config.credit.substeps,
-                              batch_sizes=sizes)
+                              batch_sizes=sizes, completion=config.credit.completion)
         all_rewards.append(scored.scores.values)
         all_groups.append(recorded.batch.group_ids.cpu() + iteration * config.train.groups_per_iteration)
         all_active.append(recorded.active.cpu())
@@ -170,6 +170,7 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
                                                   final_rewards=scored.scores.values[:, -1]))
     values = torch.cat(all_values) if continuations else None
     return {"config": str(config_path), "sampling_steps": config.sampler.steps, "substeps": config.credit.substeps,
+            "completion": config.credit.completion,
             "sde": config.sampler.sde, "eta": config.sampler.eta, "reward": config.train.reward,
             "reward_options": config.reward_kwargs,
             "checkpoint": str(checkpoint) if checkpoint else None, "seed": config.train.seed,
@@ -179,7 +180,8 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
 
 def table(result: dict[str, Any]) -> str:
     checkpoint = result["checkpoint"] or "none (base model)"
-    lines = [f"T = {result['sampling_steps']}, T' = {result['substeps']}, checkpoint {checkpoint}: "
+    completion = "the remaining grid" if result.get("completion") == "grid" else f"T' = {result['substeps']}"
+    lines = [f"T = {result['sampling_steps']}, {completion}, checkpoint {checkpoint}: "
              f"{result['trajectories']} trajectories, final reward {result['final_reward_mean']:.3f}, "
              f"zero-variance groups {result['zero_variance_groups']:.2f}",
              f"shares sum to {result['share_sum']:.2f} (1 for a perfect value estimate), consecutive gains "
@@ -202,6 +204,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=0, help="sampling steps T (default: the config's)")
     parser.add_argument("--substeps", type=int, default=0, help="T', ODE substeps of each completion (default: the "
                                                                 "config's)")
+    parser.add_argument("--completion", default="", choices=("", "uniform", "grid"),
+                        help="how states are completed: 'uniform' (T' substeps, the paper's) or 'grid' (the remaining "
+                             "sampling grid, DenseGRPO's); default: the config's")
     parser.add_argument("--batches", type=int, default=8, help="iterations' worth of rollouts to pool")
     parser.add_argument("--values", type=int, default=0, metavar="M",
                         help="also estimate each state's value from M SDE continuations and compare each credit with "
@@ -222,6 +227,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         changes["sampler.steps"] = args.steps
     if args.substeps:
         changes["credit.substeps"] = args.substeps
+    if args.completion:
+        changes["credit.completion"] = args.completion
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     result = measure(Path(args.config), changes, args.batches, checkpoint, args.values)
     print(table(result))

@@ -69,7 +69,8 @@ def stepwise_credit(model: VelocityModel, rollout: Rollout, reward: rewards.Rewa
                     batch_sizes: BatchSizes, team: Team = SINGLE) -> Credit:
     """Stepwise-Flow-GRPO: gains of T'-step completions, jointly (or per-step, for ablations) normalized."""
     scored = scored_states(rollout.active)  # only the ends of training transitions: the advantages are unchanged
-    local = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes, scored=scored)
+    local = step_rewards(model, rollout, reward, substeps=config.substeps, batch_sizes=batch_sizes, scored=scored,
+                         completion=config.completion)
     scores = gather_scores(team, local.scores)
     group_ids, active = team.gather_rows(rollout.batch.group_ids), team.gather_rows(rollout.active)
     normalize = advantages.joint_advantages if config.normalization == "joint" else advantages.per_step_advantages

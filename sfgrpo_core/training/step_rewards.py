@@ -7,7 +7,9 @@ sample (t = 0). r_k rewards state k's clean completion, r_T the final sample its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -106,13 +108,55 @@ class StepRewards:
     images: int
 
 
+RowsVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""fn(x [B, ...], sigma [B], rows) -> velocity, for the chunk's states ``rows`` (None: all of them)."""
+
+
+def uniform_completion(velocity_fn: RowsVelocityFn, states: torch.Tensor, sigmas: torch.Tensor,
+                       steps: torch.Tensor, first_velocities: torch.Tensor, substeps: int) -> torch.Tensor:
+    """The paper's completion: T' Euler substeps uniform in t from each state's sigma to 0, all states batched.
+
+    Args:
+        velocity_fn: fn(x, sigma [B], rows) -> velocity.
+        states: [B, ...] states, state i at ``sigmas[steps[i]]``.
+        sigmas: [T + 1] the sampling grid.
+        steps: [B] each state's index k on the grid.
+        first_velocities: [B, ...] the rollout's velocity at each state.
+        substeps: T'.
+    """
+    return tweedie.complete(lambda x, sigma: velocity_fn(x, sigma, None), states, sigmas[steps].to(states.device),
+                            substeps, first_velocity=first_velocities)
+
+
+def grid_completion(velocity_fn: RowsVelocityFn, states: torch.Tensor, sigmas: torch.Tensor,
+                    steps: torch.Tensor, first_velocities: torch.Tensor, substeps: int) -> torch.Tensor:
+    """DenseGRPO's completion: the Euler ODE over every remaining grid step sigma_k > ... > 0 (``substeps`` is not
+    used; state k costs T - k - 1 model calls). States at the same k are batched."""
+    result = torch.empty(states.shape, dtype=torch.float32, device=states.device)
+    for k in steps.unique().tolist():
+        rows = torch.nonzero(steps == k)[:, 0].to(states.device)
+        result[rows] = tweedie.complete_on_grid(partial(_velocity_of_rows, velocity_fn, rows), states[rows],
+                                                sigmas[k:].to(states.device), first_velocity=first_velocities[rows])
+    return result
+
+
+def _velocity_of_rows(velocity_fn: RowsVelocityFn, rows: torch.Tensor, x: torch.Tensor,
+                      sigma: torch.Tensor) -> torch.Tensor:
+    return velocity_fn(x, sigma, rows)
+
+
+COMPLETIONS = {"uniform": uniform_completion, "grid": grid_completion}
+
+
 @torch.no_grad()
 def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward, *, substeps: int,
-                 batch_sizes: BatchSizes, scored: torch.Tensor | None = None) -> StepRewards:
+                 batch_sizes: BatchSizes, scored: torch.Tensor | None = None,
+                 completion: str = "uniform") -> StepRewards:
     """r_k for every state of every trajectory: [N, T + 1] (and each component's [N, T + 1] for a mix), with the
     number of images scored.
 
-    r_0..r_{T-1} reward the T'-substep ODE completion of x_k made with the rollout weights, r_T the final sample
+    r_0..r_{T-1} reward the ODE completion of x_k made with the rollout weights (``completion``: "uniform", T'
+    substeps uniform in t, the paper's; "grid", the remaining sampling grid, DenseGRPO's), r_T the final sample
     itself. A state shared by several members of a group is completed and scored once (``distinct_states``: r_0 once
     per group when the group shares x_1, Stepwise-Flow-GRPO's setting). Each completion's first substep uses the
     velocity the rollout computed at that state (no model call), the others are batched across trajectories and
@@ -120,6 +164,8 @@ def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward,
     ``scored`` ([N, T + 1] bool, ``scored_states``) only those states are completed and scored; the others are NaN
     (not computed, unlike a missing reward, which is NaN inside ``scored``).
     """
+    if completion not in COMPLETIONS:
+        raise ValueError(f"completion: {completion!r} is not one of {', '.join(COMPLETIONS)}")
     states, sigmas, batch = rollout.states, rollout.sigmas, rollout.batch
     count, steps = states.shape[0], states.shape[1] - 1
     members, step_index, index = distinct_states(rollout, scored)
@@ -127,11 +173,12 @@ def step_rewards(model: VelocityModel, rollout: Rollout, reward: rewards.Reward,
     for start in range(0, len(members), batch_sizes.samples):
         member, k = members[start : start + batch_sizes.samples], step_index[start : start + batch_sizes.samples]
         condition = select(batch.condition, member)
-        def velocity_fn(x, sigma, condition=condition):
-            return model.velocity(x, sigma, condition)
 
-        completions.append(tweedie.complete(velocity_fn, states[member, k], sigmas[k].to(states.device), substeps,
-                                            first_velocity=rollout.velocities[member, k]))
+        def velocity_fn(x, sigma, rows, condition=condition):
+            return model.velocity(x, sigma, condition if rows is None else select(condition, rows))
+
+        completions.append(COMPLETIONS[completion](velocity_fn, states[member, k], sigmas, k,
+                                                   rollout.velocities[member, k], substeps))
     clean = torch.cat([*completions, rollout.final])
     prompts = [batch.prompts[i] for i in members.tolist()] + list(batch.prompts)
     scores = score_in_batches(model, reward, clean, prompts, batch_sizes.rewards)

@@ -220,12 +220,14 @@ def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: in
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Held-out rewards of ODE samples: ``scores`` [n] (NaN = missing) of ``prompts`` (n texts), and each
-    component's [n] scores for a reward made of several."""
+    """Held-out rewards of ODE samples: ``scores`` [n] (NaN = missing) of ``prompts`` (n texts), each component's [n]
+    scores for a reward made of several, and each judge's."""
 
     scores: torch.Tensor
     prompts: list[str]
     components: dict[str, torch.Tensor] = field(default_factory=dict)
+    judged: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each judge's [n] scores of the same samples (``evaluate(judges=...)``)."""
 
     @property
     def mean(self) -> float:
@@ -233,9 +235,10 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(session: Session) -> Evaluation:
+def evaluate(session: Session, judges: dict[str, rewards.Reward] | None = None) -> Evaluation:
     """Held-out rewards of ODE samples, ``train.eval_samples`` per eval prompt (fixed seeds, so successive
-    evaluations differ only by the policy)."""
+    evaluations differ only by the policy). ``judges`` (name -> reward) score the same samples too: a gold judge
+    beside a proxy reward, say."""
     config = session.config
     sigmas = flow_sigmas(config.train.eval_steps, config.sampler.shift)
     count = len(session.eval_prompts) * config.train.eval_samples
@@ -250,9 +253,12 @@ def evaluate(session: Session) -> Evaluation:
                       chunk_size=config.train.sample_batch_size).final
     scores = score_in_batches(session.model, session.reward, samples, list(mine.prompts),
                               config.train.reward_batch_size)
+    judged = {name: score_in_batches(session.model, judge, samples, list(mine.prompts),
+                                     config.train.reward_batch_size).values for name, judge in (judges or {}).items()}
     if rows.stop - rows.start < count:
         scores = gather_scores(team, scores)
-    return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components)
+        judged = {name: team.gather_rows(values) for name, values in judged.items()}
+    return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components, judged=judged)
 
 
 class NonFiniteError(RuntimeError):

@@ -1,6 +1,8 @@
 """Step rewards (docs/algorithm.md section 4): which image each r_k scores, r_0 once per group, batching, reward
 calls."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -268,3 +270,21 @@ def test_a_reward_that_fails_on_a_scored_state_is_missing_and_a_skipped_state_is
     # the first image scored is group 0's state 1 (after the deterministic DDIM step), shared by its members
     assert credit.missing == GROUP_SIZE and torch.isnan(credit.rewards[:GROUP_SIZE, 1]).all()
     assert int(torch.isnan(credit.rewards).sum()) > credit.missing  # the skipped states are NaN too, not missing
+
+
+def test_grid_completions_run_the_rest_of_the_sampling_grid():
+    """completion="grid" (DenseGRPO's): state k is completed by the ODE over sigma_k > ... > 0, reusing the
+    rollout's velocity, so it costs T - k - 1 model calls per distinct state; its rewards are those of that ODE."""
+    model = toy_world()
+    recorded = _rollout(model, sde="ddim")
+    counting = CountingModel(model)
+    result = step_rewards(counting, recorded, RecordingReward(), substeps=SUBSTEPS, batch_sizes=BatchSizes(7, 7),
+                          completion="grid").scores.values
+    _, steps, _ = distinct_states(recorded)
+    assert counting.samples == int((STEPS - steps - 1).sum())
+    for k in range(STEPS):
+        from_state_k = dataclasses.replace(recorded.batch, initial_noise=recorded.states[:, k])
+        ode = rollout(model, from_state_k, recorded.sigmas[k:], get_step_function("ode", 0.0)).final
+        torch.testing.assert_close(result[:, k], score_of(ode, recorded.batch.prompts), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="completion"):
+        step_rewards(model, recorded, RecordingReward(), substeps=1, batch_sizes=BatchSizes(7, 7), completion="dense")

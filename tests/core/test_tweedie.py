@@ -40,3 +40,29 @@ def test_one_substep_is_the_tweedie_estimate_and_more_substeps_walk_euler():
 def test_substeps_must_be_positive():
     with pytest.raises(ValueError, match="substeps"):
         tweedie.complete(lambda x, s: x, torch.zeros(1, 2), 0.5, 0)
+
+
+def test_a_grid_completion_is_the_deterministic_sampler_over_the_remaining_grid():
+    """complete_on_grid walks the ODE over the rest of the sampling grid: the rollout's own ODE steps from there,
+    the Tweedie estimate when one step is left, and the rollout's velocity reused for its first step."""
+    from sfgrpo_core.algorithm.schedule import flow_sigmas
+    from sfgrpo_core.algorithm.sde import get_step_function
+    from sfgrpo_core.models.toy import ToyVelocityNet, ToyWorld
+    from sfgrpo_core.training.rollout import make_prompt_batch, rollout
+
+    torch.manual_seed(0)
+    model = ToyWorld(ToyVelocityNet(hidden=16).requires_grad_(False))
+    batch = make_prompt_batch(model, ["mode 1", "mode 4"], 2, seed=0, iteration=0)
+    sigmas = flow_sigmas(6)
+    ode = rollout(model, batch, sigmas, get_step_function("ode", 0.0))
+    condition = batch.condition
+    for k in range(len(sigmas) - 1):
+        completed = tweedie.complete_on_grid(lambda x, sigma: model.velocity(x, sigma, condition), ode.states[:, k],
+                                             sigmas[k:], first_velocity=ode.velocities[:, k])
+        torch.testing.assert_close(completed, ode.final.float(), rtol=1e-5, atol=1e-6)
+    last = len(sigmas) - 2
+    torch.testing.assert_close(
+        tweedie.complete_on_grid(lambda x, s: model.velocity(x, s, condition), ode.states[:, last], sigmas[last:]),
+        tweedie.x0_estimate(ode.states[:, last], ode.velocities[:, last], sigmas[last]))
+    with pytest.raises(ValueError, match="ending at 0"):
+        tweedie.complete_on_grid(lambda x, s: x, torch.zeros(1, 2), torch.tensor([0.5, 0.1]))

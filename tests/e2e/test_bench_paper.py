@@ -11,9 +11,9 @@ from sfgrpo_core.bench.paper import catch_up
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _bench(out):
-    return subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "paper", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1200)
+def _bench(out, *options):
+    return subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "paper", "--quick", "--out", str(out),
+                           *options], capture_output=True, text=True, cwd=ROOT, timeout=1200)
 
 
 def _lines(path):
@@ -21,10 +21,13 @@ def _lines(path):
 
 
 def test_quick_benchmark_writes_resumable_raw_records_and_a_summary(tmp_path):
+    """The paper's PickScore protocol: both arms train on mini_pickscore, and every evaluation scores the same
+    samples with MiniGenEval too (the gold judge: partial credit, strict accuracy, categories)."""
     out = tmp_path / "paper"
-    first = _bench(out)
+    first = _bench(out, "--reward", "mini_pickscore")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((out / "paper.json").read_text())
+    assert summary["reward"] == "mini_pickscore" and summary["gold_reward"] == "mini_geneval"
     assert set(summary["arms"]) == {"flow_grpo", "stepwise"}
     assert {"iterations_ratio", "seconds_ratio", "flow_grpo_final"} <= set(summary)
     for arm, data in summary["arms"].items():
@@ -36,7 +39,10 @@ def test_quick_benchmark_writes_resumable_raw_records_and_a_summary(tmp_path):
         for record in evals:
             assert {"heldout", "heldout_se", "strict", "per_category", "samples_seen", "model_calls",
                     "reward_calls", "seconds"} <= set(record)
-            assert 0 <= record["strict"] <= record["heldout"] <= 1  # scores lie in [0, 1]: mean >= share of 1s
+            assert {"gold_heldout", "gold_heldout_se"} <= set(record) and record["gold_reward"] == "mini_geneval"
+            assert 0 <= record["strict"] <= record["gold_heldout"] <= 1  # MiniGenEval: mean >= share of 1s
+            assert record["heldout"] > 1  # mini_pickscore is logit_scale x cosine, not a [0, 1] judgement
+        assert len(data["final_gold_heldout"]) == 1 and "gold_heldout" in data["curve"]["2"]
         assert evals[0]["model_calls"] == 0 and evals[2]["model_calls"] > evals[1]["model_calls"] > 0
     # Stepwise costs more model calls and reward calls per iteration than Flow-GRPO (its completions).
     arms = summary["arms"]
@@ -44,7 +50,10 @@ def test_quick_benchmark_writes_resumable_raw_records_and_a_summary(tmp_path):
     # The evaluation reads each checkpoint: the quick Flow-GRPO run moves its LoRA, and its scores move with it.
     flow = _lines(out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl")
     assert flow[2]["heldout"] != flow[0]["heldout"]
-    assert (out / "paper.png").stat().st_size > 5000
+    assert (out / "paper.png").stat().st_size > 5000 and (out / "proxy_vs_gold.png").stat().st_size > 5000
+    # A folder holds one reward's runs: MiniGenEval runs into it are refused, naming the reward it holds.
+    mixed = _bench(out)
+    assert mixed.returncode == 2 and "mini_pickscore" in mixed.stdout and "--out" in mixed.stdout
 
     metrics = out / "runs" / "stepwise" / "seed0" / "train" / "metrics.jsonl"
     before = (metrics.read_text(), (out / "runs" / "stepwise" / "seed0" / "evals.jsonl").read_text())
@@ -52,7 +61,7 @@ def test_quick_benchmark_writes_resumable_raw_records_and_a_summary(tmp_path):
 
     # Only the records are committed, not the checkpoints: a finished run must not be trained again without them.
     shutil.rmtree(out / "runs" / "stepwise" / "seed0" / "train" / "checkpoints")
-    again = _bench(out)  # resumable: nothing finished is trained or evaluated again
+    again = _bench(out, "--reward", "mini_pickscore")  # resumable: nothing finished is trained or evaluated again
     assert again.returncode == 0, again.stderr[-3000:]
     assert (metrics.read_text(), (out / "runs" / "stepwise" / "seed0" / "evals.jsonl").read_text()) == before
 
@@ -89,3 +98,18 @@ def test_combine_puts_the_main_run_on_top_and_keeps_every_run(tmp_path):
     assert combined["device"] == "h200" and combined["arms"]["flow_grpo"]["final_heldout"] == [0.48]
     assert set(combined["runs"]) == {"h200", "cpu"} and combined["runs"]["cpu"]["device"] == "cpu"
     assert "iterations_ratio" in combined and combined["main_run"].endswith("h200")
+
+
+def test_every_arm_is_a_valid_training_config_and_dense_is_densegrpos_credit(tmp_path):
+    """Each arm's recipe plus its changes passes the config's own checks; dense changes exactly the completion
+    (the rest of the grid) and the normalization (per timestep) of the Stepwise arm."""
+    from sfgrpo_core.bench.paper import ARMS, arm_config, full_plan
+
+    plan = full_plan(reward="mini_pickscore")
+    configs = {arm: arm_config(arm, 0, plan, tmp_path / arm) for arm in ARMS}
+    assert all(config.train.reward == "mini_pickscore" for config in configs.values())
+    dense, stepwise = configs["dense"], configs["stepwise"]
+    assert (dense.credit.completion, dense.credit.normalization) == ("grid", "per_step")
+    assert (stepwise.credit.completion, stepwise.credit.normalization) == ("uniform", "joint")
+    assert dense.replace(**{"credit.completion": "uniform", "credit.normalization": "joint",
+                            "train.output_dir": stepwise.train.output_dir}) == stepwise
