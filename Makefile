@@ -30,15 +30,19 @@ $(STAMP): pyproject.toml tests/imagereward_site.txt tests/browser/package-lock.j
 
 install: $(STAMP)
 
+# pytest-xdist: one worker per core (at most 4), a test file's tests in one worker (their module fixtures: a ComfyUI
+# engine, a trained LoRA, are built once); tests/conftest.py gives each worker its share of the cores.
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 $(XDIST)
 
 # The seconds-scale core tests only (no ComfyUI server, no training run, no browser): a few minutes, for every edit.
 test-fast: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 lint: install
 	$(PY) -m ruff check .

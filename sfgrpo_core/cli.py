@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .config import SECTIONS, Config, ConfigError, coerce, config_from_dict, field_type, load_config
+from .shipped import config_path
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
-    config = load_config(args.config) if args.config else Config()
+    try:
+        config = load_config(config_path(args.config)) if args.config else Config()
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
     data = config.to_dict()
     for section, section_type in SECTIONS.items():
         for spec in dataclasses.fields(section_type):
@@ -106,73 +111,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train" and args.processes != 1:
-        return _launch(args.processes, list(sys.argv[1:] if argv is None else argv))
-    if args.command == "miniworld":
-        return _miniworld(args)
-    if args.command in ("rewards", "reward-server"):
-        return _rewards(args)
-    if args.command == "run":
-        from .headless.runner import run_from_args
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    command = f"bench {args.bench_command}" if args.command == "bench" else args.command
+    return COMMANDS[command](args)
 
-        return run_from_args(args)
-    if args.command == "bench" and args.bench_command == "speed":
-        from .bench.speed import run_from_args as bench_speed
 
-        return bench_speed(args)
-    if args.command == "bench" and args.bench_command == "memory":
-        from .bench.memory import run_from_args as bench_memory
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command handler imported only when its command runs (``sfgrpo --help`` stays light)."""
 
-        return bench_memory(args)
-    if args.command == "bench" and args.bench_command == "rewards":
-        from .bench.rewards import run_from_args as bench_rewards
+    def handler(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module, __package__), function)(args)
 
-        return bench_rewards(args)
-    if args.command == "bench" and args.bench_command == "signal":
-        from .bench.signal import run_from_args as bench_signal
+    return handler
 
-        return bench_signal(args)
-    if args.command == "bench":
-        from .bench.paper import run_from_args as bench_paper
 
-        return bench_paper(args)
-    if args.command == "demo":
-        from .headless.demo import demo_from_args
+def _with_config(run: Callable[[argparse.Namespace, Config], int]) -> Callable[[argparse.Namespace], int]:
+    """A handler of a command that reads a config (file or shipped name, then flags): a bad one exits with 2."""
 
-        return demo_from_args(args)
-    try:
-        config = _config_from_args(args)
-        if args.command == "config":
-            import yaml
-
-            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-            return 0
-        if args.command == "diagnose":
-            from .training.diagnose import diagnose
-
-            checks = diagnose(config)
-            for check in checks:
-                print(check.line())
-            return 0 if all(check.passed for check in checks) else 1
-        from .rewards import RewardError, RewardInputError
-        from .training.distributed import TeamError
-        from .training.trainer import NonFiniteError, train
-
+    def handler(args: argparse.Namespace) -> int:
         try:
-            result = train(config, resume=args.resume, progress=True)
-        except TeamError as error:
-            print(f"sfgrpo: {error}", file=sys.stderr, flush=True)
-            # The process group is broken (a peer died): tearing it down at interpreter exit aborts in gloo's C++
-            # threads ("terminate called without an active exception"). Files are written atomically: leave now.
-            os._exit(1)
-        except (RewardError, RewardInputError, NonFiniteError) as error:
-            print(f"sfgrpo: {error}", file=sys.stderr)
-            return 1
-        finally:
-            _leave_process_group()
+            config = _config_from_args(args)
+        except ConfigError as error:
+            print(f"sfgrpo: config error: {error}", file=sys.stderr)
+            return 2
+        return run(args, config)
+
+    return handler
+
+
+def _show_config(args: argparse.Namespace, config: Config) -> int:
+    import yaml
+
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _diagnose(args: argparse.Namespace, config: Config) -> int:
+    from .training.diagnose import diagnose
+
+    checks = diagnose(config)
+    for check in checks:
+        print(check.line())
+    return 0 if all(check.passed for check in checks) else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.processes != 1:
+        return _launch(args.processes, args.argv)
+    return _with_config(_train_with)(args)
+
+
+def _train_with(args: argparse.Namespace, config: Config) -> int:
+    from .rewards import RewardError, RewardInputError
+    from .training.distributed import TeamError
+    from .training.trainer import NonFiniteError, train
+
+    try:
+        result = train(config, resume=args.resume, progress=True)
+    except TeamError as error:
+        print(f"sfgrpo: {error}", file=sys.stderr, flush=True)
+        # The process group is broken (a peer died): tearing it down at interpreter exit aborts in gloo's C++
+        # threads ("terminate called without an active exception"). Files are written atomically: leave now.
+        os._exit(1)
+    except (RewardError, RewardInputError, NonFiniteError) as error:
+        print(f"sfgrpo: {error}", file=sys.stderr)
+        return 1
     except ConfigError as error:
         print(f"sfgrpo: config error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     if os.environ.get("RANK", "0") == "0":  # several processes: the main one reports
         evaluations = [r["eval_reward_mean"] for r in result.records if r.get("eval_reward_mean") is not None]
         if len(evaluations) >= 2:
@@ -280,6 +288,24 @@ def _miniworld(args: argparse.Namespace) -> int:
     summary = {key: manifest[key] for key in ("seconds", "autoencoder", "minigeneval_heldout")}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train,
+    "diagnose": _with_config(_diagnose),
+    "config": _with_config(_show_config),
+    "run": _lazy(".headless.runner", "run_from_args"),
+    "demo": _lazy(".headless.demo", "demo_from_args"),
+    "rewards": _rewards,
+    "reward-server": _rewards,
+    "miniworld": _miniworld,
+    "bench paper": _lazy(".bench.paper", "run_from_args"),
+    "bench speed": _lazy(".bench.speed", "run_from_args"),
+    "bench memory": _lazy(".bench.memory", "run_from_args"),
+    "bench rewards": _lazy(".bench.rewards", "run_from_args"),
+    "bench signal": _lazy(".bench.signal", "run_from_args"),
+}
+"""Each command's handler: args -> exit status (0 done, 1 failed, 2 bad input)."""
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests live in tests/core (seconds, no ComfyUI), tests/comfy (a real ComfyUI, in-process and over
 HTTP, and the browser), tests/e2e (training runs) and tests/gpu (CUDA only)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,22 @@ def toy_config(toy_base_path, tmp_path, request):
                                                       "train.output_dir": str(tmp_path / "run")})
 
 
+def threads_per_worker() -> int:
+    """The cores each test process may use: all of them (at most 2) alone, an even share under pytest-xdist's
+    ``-n N``, so that N workers never run more torch threads than there are cores (oversubscribed threads made the
+    core tests ~10x slower on 2 cores)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+def pytest_configure(config):
+    # Subprocesses (the CLI, accelerate's workers, ComfyUI servers) inherit the worker's share too.
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, str(threads_per_worker()))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads_per_worker())
     yield

@@ -30,7 +30,7 @@ def probe(config_path: str, groups: int, chunk: int, device: str) -> dict[str, A
     """One iteration in this process; its peak memory in MiB."""
     import torch
 
-    from ..training.trainer import assign_credit, build_session, collect, improve
+    from ..training.trainer import assign_credit, build_session, collect, update
 
     with tempfile.TemporaryDirectory() as scratch:
         changes: dict[str, Any] = {"train.groups_per_iteration": groups, "model.device": device,
@@ -43,11 +43,11 @@ def probe(config_path: str, groups: int, chunk: int, device: str) -> dict[str, A
                             "optim.micro_batch_size": 0})
         session = build_session(load_config(config_path).replace(**changes))
         start = time.perf_counter()
-        recorded = collect(session, 0)
-        improve(session, recorded, assign_credit(session, recorded), 0)
+        trajectories = collect(session, 0)
+        update(session, trajectories, assign_credit(session, trajectories), 0)
         seconds = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    result = {"groups": groups, "trajectories": len(recorded.batch.prompts), "chunk": chunk,
+    result = {"groups": groups, "trajectories": len(trajectories.batch.prompts), "chunk": chunk,
               "peak_rss_mib": peak_rss, "seconds": seconds}
     if device.startswith("cuda"):
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

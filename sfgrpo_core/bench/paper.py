@@ -26,12 +26,12 @@ import torch
 from ..atomic import atomic_write_text
 from ..config import Config, load_config
 from ..lora.adapters import load_lora_state_dict
+from ..shipped import shipped_dir
 from ..training.checkpoint import checkpoint_iteration, latest_checkpoint, load_checkpoint
 from ..training.metrics import json_safe
 
-ROOT = Path(__file__).resolve().parents[2]
-STEPWISE_CONFIG = ROOT / "configs" / "miniworld.yaml"
-FLOW_GRPO_CONFIG = ROOT / "configs" / "miniworld_flow_grpo.yaml"
+STEPWISE_CONFIG = shipped_dir("configs") / "miniworld.yaml"
+FLOW_GRPO_CONFIG = shipped_dir("configs") / "miniworld_flow_grpo.yaml"
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from ..config import load_config
 from ..models.base import VelocityModel
 from ..models.condition import select
 from ..seeding import derive_seed
+from ..shipped import config_path
 from ..training.metrics import json_safe
 from ..training.rollout import PromptBatch, Rollout, rollout
 from ..training.step_rewards import BatchSizes, distinct_states, score_in_batches, step_rewards
@@ -118,23 +119,23 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
 
 
 @torch.no_grad()
-def continuation_values(model: VelocityModel, recorded: Rollout, reward: rewards.Reward, step_fn: StepFunction,
+def continuation_values(model: VelocityModel, trajectories: Rollout, reward: rewards.Reward, step_fn: StepFunction,
                         continuations: int, batch_sizes: BatchSizes, seed: int,
                         final_rewards: torch.Tensor) -> torch.Tensor:
     """[N, T + 1] v_k: the mean final reward of ``continuations`` SDE continuations from each state x_k (k < T; each
     distinct state once, as ``step_rewards`` completes them), and the final sample's reward at k = T."""
-    members, step_index, index = distinct_states(recorded)
-    count, steps = recorded.states.shape[0], recorded.states.shape[1] - 1
+    members, step_index, index = distinct_states(trajectories)
+    count, steps = trajectories.states.shape[0], trajectories.states.shape[1] - 1
     distinct_values = torch.full((len(members),), float("nan"))
     for k in range(steps):
         chosen = torch.nonzero(step_index == k)[:, 0]
         rows = members[chosen].repeat_interleave(continuations)
-        batch = PromptBatch(prompts=[recorded.batch.prompts[i] for i in rows.tolist()], group_ids=rows,
-                            condition=select(recorded.batch.condition, rows),
-                            initial_noise=recorded.states[rows.to(recorded.states.device), k],
+        batch = PromptBatch(prompts=[trajectories.batch.prompts[i] for i in rows.tolist()], group_ids=rows,
+                            condition=select(trajectories.batch.condition, rows),
+                            initial_noise=trajectories.states[rows.to(trajectories.states.device), k],
                             member_seeds=[derive_seed(seed, "value", int(chosen[i // continuations]), i)
                                           for i in range(len(rows))])
-        ends = rollout(model, batch, recorded.sigmas[k:], step_fn, chunk_size=batch_sizes.samples).final
+        ends = rollout(model, batch, trajectories.sigmas[k:], step_fn, chunk_size=batch_sizes.samples).final
         scores = score_in_batches(model, reward, ends, batch.prompts, batch_sizes.rewards).values
         distinct_values[chosen] = scores.view(-1, continuations).nanmean(dim=1)
     values = torch.full((count, steps + 1), float("nan"))
@@ -158,15 +159,16 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
     sizes = BatchSizes(samples=config.train.sample_batch_size, rewards=config.train.reward_batch_size)
     all_rewards, all_groups, all_active, all_values = [], [], [], []
     for iteration in range(batches):
-        recorded = collect(session, iteration)
-        scored = step_rewards(session.model, recorded, session.reward, substeps=config.credit.substeps,
+        trajectories = collect(session, iteration)
+        scored = step_rewards(session.model, trajectories, session.reward, substeps=config.credit.substeps,
                               batch_sizes=sizes, completion=config.credit.completion)
         all_rewards.append(scored.scores.values)
-        all_groups.append(recorded.batch.group_ids.cpu() + iteration * config.train.groups_per_iteration)
-        all_active.append(recorded.active.cpu())
+        all_groups.append(trajectories.batch.group_ids.cpu() + iteration * config.train.groups_per_iteration)
+        all_active.append(trajectories.active.cpu())
         if continuations:
-            all_values.append(continuation_values(session.model, recorded, session.reward, step_function_for(config),
-                                                  continuations, sizes, seed=config.train.seed,
+            all_values.append(continuation_values(session.model, trajectories, session.reward,
+                                                  step_function_for(config), continuations, sizes,
+                                                  seed=config.train.seed,
                                                   final_rewards=scored.scores.values[:, -1]))
     values = torch.cat(all_values) if continuations else None
     return {"config": str(config_path), "sampling_steps": config.sampler.steps, "substeps": config.credit.substeps,
@@ -200,7 +202,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(STEPWISE_CONFIG), help="the training config whose rollouts to measure")
+    parser.add_argument("--config", default=str(STEPWISE_CONFIG),
+                        help="the training config whose rollouts to measure (a path or a shipped config's name)")
     parser.add_argument("--steps", type=int, default=0, help="sampling steps T (default: the config's)")
     parser.add_argument("--substeps", type=int, default=0, help="T', ODE substeps of each completion (default: the "
                                                                 "config's)")
@@ -230,7 +233,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.completion:
         changes["credit.completion"] = args.completion
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    result = measure(Path(args.config), changes, args.batches, checkpoint, args.values)
+    result = measure(config_path(args.config), changes, args.batches, checkpoint, args.values)
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -35,22 +35,23 @@ PHASES = ("rollout", "rewards", "update")
 
 def timed_iteration(session: Any, counter: CallCounter, iteration: int) -> dict[str, float]:
     """One training iteration (rollout -> rewards -> update) with its seconds per phase and its counted work."""
-    from ..training.trainer import PhaseTimer, assign_credit, collect, improve
+    from ..training.trainer import PhaseTimer, assign_credit, collect, update
 
     counter.take()
     timer = PhaseTimer()
     with timer("rollout"):
-        recorded = collect(session, iteration)
+        trajectories = collect(session, iteration)
     with timer("rewards"):
-        assigned = assign_credit(session, recorded)
+        credit = assign_credit(session, trajectories)
     sampling = counter.take()  # the rollout's and the completions' forward passes, and the decodes
     with timer("update"):
-        improve(session, recorded, assigned, iteration)
+        update(session, trajectories, credit, iteration)
     seconds = timer.seconds
-    update = counter.take()  # forward + backward passes (and the KL reference's forward passes, if any)
-    return {**seconds, "total": sum(seconds.values()), "model_calls": sampling["model_calls"] + update["model_calls"],
-            "update_samples": update["model_calls"], "decoded_images": sampling["decoded_images"],
-            "reward_calls": assigned.reward_calls}
+    updating = counter.take()  # forward + backward passes (and the KL reference's forward passes, if any)
+    return {**seconds, "total": sum(seconds.values()),
+            "model_calls": sampling["model_calls"] + updating["model_calls"],
+            "update_samples": updating["model_calls"], "decoded_images": sampling["decoded_images"],
+            "reward_calls": credit.reward_calls}
 
 
 def best_of(repeats: int, fn: Callable[[], Any]) -> float:
@@ -69,11 +70,11 @@ def unit_costs(session: Any, batch_size: int, repeats: int = 3) -> dict[str, flo
     from .. import rewards
     from ..training.trainer import collect
 
-    recorded = collect(session, 0)
-    rows = torch.arange(batch_size) % recorded.states.shape[0]
-    x, sigma = recorded.states[rows, 1], recorded.sigmas[1].expand(batch_size)
-    condition = select(recorded.batch.condition, rows)
-    prompts = [recorded.batch.prompts[i] for i in rows.tolist()]
+    trajectories = collect(session, 0)
+    rows = torch.arange(batch_size) % trajectories.states.shape[0]
+    x, sigma = trajectories.states[rows, 1], trajectories.sigmas[1].expand(batch_size)
+    condition = select(trajectories.batch.condition, rows)
+    prompts = [trajectories.batch.prompts[i] for i in rows.tolist()]
     model = session.model
 
     def forward() -> None:
@@ -84,11 +85,11 @@ def unit_costs(session: Any, batch_size: int, repeats: int = 3) -> dict[str, flo
         model.velocity(x, sigma, condition).float().square().mean().backward()
         session.optimizer.zero_grad(set_to_none=True)
 
-    images = model.decode(recorded.final[rows])
+    images = model.decode(trajectories.final[rows])
     return {
         "forward": best_of(repeats, forward) / batch_size,
         "forward_backward": best_of(repeats, forward_backward) / batch_size,
-        "decode": best_of(repeats, lambda: model.decode(recorded.final[rows])) / batch_size,
+        "decode": best_of(repeats, lambda: model.decode(trajectories.final[rows])) / batch_size,
         "reward": best_of(repeats, lambda: rewards.score(session.reward, images, prompts)) / batch_size,
     }
 

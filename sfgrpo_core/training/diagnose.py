@@ -49,14 +49,14 @@ def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: f
     if checkpoint is not None:
         load_lora_state_dict(session.model.module, load_checkpoint(checkpoint).lora)
     model, step_fn = session.model, step_function_for(config)
-    recorded = collect(session, 0)
-    batch, sigmas = recorded.batch, session.sigmas
-    members, steps = torch.nonzero(recorded.active, as_tuple=True)
+    trajectories = collect(session, 0)
+    batch, sigmas = trajectories.batch, session.sigmas
+    members, steps = torch.nonzero(trajectories.active, as_tuple=True)
 
-    same_batches = recompute_steps(model, recorded, members, steps, step_fn)
-    result = losses.grpo_loss(same_batches.log_prob, recorded.log_probs[members, steps], torch.ones(len(members)),
+    same_batches = recompute_steps(model, trajectories, members, steps, step_fn)
+    result = losses.grpo_loss(same_batches.log_prob, trajectories.log_probs[members, steps], torch.ones(len(members)),
                               clip_range=config.optim.clip_range)
-    ratio = torch.exp(same_batches.log_prob - recorded.log_probs[members, steps])
+    ratio = torch.exp(same_batches.log_prob - trajectories.log_probs[members, steps])
     deviation = float((ratio - 1).abs().max()) if len(members) else 0.0
     results.append(CheckResult("on_policy_ratio", deviation <= tolerance, deviation, tolerance,
                                f"max |ratio - 1| over {len(members)} active transitions; loss ratio mean "
@@ -66,8 +66,8 @@ def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: f
     micro = max(1, min(config.optim.micro_batch_size or 7, len(members)))
     parity = 0.0
     for chunk in torch.split(order, micro):
-        step = recompute_steps(model, recorded, members[chunk], steps[chunk], step_fn)
-        parity = max(parity, float((step.log_prob - recorded.log_probs[members[chunk], steps[chunk]]).abs().max()))
+        step = recompute_steps(model, trajectories, members[chunk], steps[chunk], step_fn)
+        parity = max(parity, float((step.log_prob - trajectories.log_probs[members[chunk], steps[chunk]]).abs().max()))
     results.append(CheckResult("log_prob_parity", parity <= tolerance, parity, tolerance,
                                f"max |log p(update path, micro-batches of {micro}) - log p(rollout)|"))
 

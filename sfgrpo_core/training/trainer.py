@@ -197,16 +197,16 @@ def step_function_for(config: Config):
     return get_step_function(config.sampler.sde, strength)
 
 
-def assign_credit(session: Session, recorded: Rollout) -> Credit:
+def assign_credit(session: Session, trajectories: Rollout) -> Credit:
     """Rewards and advantages phase, by the configured credit method."""
     method = CREDIT_METHODS[session.config.credit.method]
     config = session.config
-    return method(session.model, recorded, session.reward, config.credit,
+    return method(session.model, trajectories, session.reward, config.credit,
                   BatchSizes(samples=config.train.sample_batch_size, rewards=config.train.reward_batch_size),
                   session.team)
 
 
-def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: int) -> UpdateStats:
+def update(session: Session, trajectories: Rollout, credit: Credit, iteration: int) -> UpdateStats:
     """Update phase: the clipped GRPO loss over active transitions, at the iteration's scheduled lr."""
     optim = session.config.optim
     span = optim.lr_decay_iterations or session.config.train.iterations
@@ -214,8 +214,9 @@ def improve(session: Session, recorded: Rollout, assigned: Credit, iteration: in
     for group in session.optimizer.param_groups:
         group["lr"] = lr
     generator = seeding.generator(session.config.train.seed, iteration, "shuffle")
-    return update_policy(session.model, session.optimizer, recorded, assigned.advantages.to(recorded.states.device),
-                         session.config.optim, step_function_for(session.config), generator, session.team)
+    advantages = credit.advantages.to(trajectories.states.device)
+    return update_policy(session.model, session.optimizer, trajectories, advantages, session.config.optim,
+                         step_function_for(session.config), generator, session.team)
 
 
 @dataclass(frozen=True)
@@ -265,13 +266,13 @@ class NonFiniteError(RuntimeError):
     """Training produced NaN or inf (latents, loss or LoRA weights): the run stops before anything is saved."""
 
 
-def require_finite(iteration: int, recorded: Rollout, stats: UpdateStats, model: VelocityModel,
+def require_finite(iteration: int, trajectories: Rollout, stats: UpdateStats, model: VelocityModel,
                    team: Team = SINGLE) -> None:
     """Stop the run (NonFiniteError) when the rollout's latents, the loss or the LoRA weights are not finite, so a
     diverged run never writes a checkpoint or a LoRA and never reports success; the last checkpoint stays."""
     advice = ("the last good checkpoint is kept; lower optim.lr, keep optim.grad_clip on, or run the model in "
               "float32, then resume")
-    if not team.all_true(bool(torch.isfinite(recorded.states).all())):  # every process stops, not only one
+    if not team.all_true(bool(torch.isfinite(trajectories.states).all())):  # every process stops, not only one
         raise NonFiniteError(f"iteration {iteration}: the rollout produced non-finite latents (NaN/inf); {advice}")
     if not math.isfinite(stats.loss):
         raise NonFiniteError(f"iteration {iteration}: the loss is {stats.loss}; {advice}")
@@ -289,10 +290,10 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assigned: Credit, stats: UpdateStats,
+def iteration_metrics(iteration: int, session: Session, trajectories: Rollout, credit: Credit, stats: UpdateStats,
                       seconds: dict[str, float]) -> dict[str, Any]:
     """What a user needs to debug RL, for one iteration."""
-    final = assigned.final_rewards
+    final = credit.final_rewards
     finite_final = final[torch.isfinite(final)]
     if not finite_final.numel():
         raise rewards.RewardError(f"iteration {iteration}: the reward could not score any of the {len(final)} final "
@@ -303,25 +304,25 @@ def iteration_metrics(iteration: int, session: Session, recorded: Rollout, assig
         "samples_seen": (iteration + 1) * len(final),
         "reward_mean": _nanmean(final),
         "reward_std": float(finite_final.std(correction=0)) if finite_final.numel() > 1 else 0.0,
-        "reward_missing": assigned.missing,
-        "reward_calls": assigned.reward_calls,
-        "zero_std_ratio": zero_variance_fraction(final, assigned.group_ids),
+        "reward_missing": credit.missing,
+        "reward_calls": credit.reward_calls,
+        "zero_std_ratio": zero_variance_fraction(final, credit.group_ids),
         "active_transitions": stats.transitions,
         "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clip_fraction": stats.clip_fraction,
         "approx_kl": stats.approx_kl, "kl_penalty": stats.kl_penalty, "grad_norm": stats.grad_norm,
         "lr": session.optimizer.param_groups[0]["lr"], "world_size": session.team.size,
     }
-    if assigned.components:
-        record["reward_components"] = {name: _nanmean(values) for name, values in assigned.final_components.items()}
+    if credit.components:
+        record["reward_components"] = {name: _nanmean(values) for name, values in credit.final_components.items()}
         record["reward_components_missing"] = {name: int(torch.isnan(values).sum())
-                                               for name, values in assigned.final_components.items()}
-    if assigned.gains is not None:
+                                               for name, values in credit.final_components.items()}
+    if credit.gains is not None:
         # None where no reward of that step was needed (scored_states), e.g. r_0 behind a deterministic first step
-        record["step_reward_mean"] = [_nanmean(assigned.rewards[:, k]) if assigned.scored[:, k].any() else None
-                                      for k in range(assigned.rewards.shape[1])]
-        record["gain_abs_mean"] = [_nanmean(assigned.gains[:, k].abs())
-                                   if (assigned.scored[:, k] & assigned.scored[:, k + 1]).any() else None
-                                   for k in range(assigned.gains.shape[1])]
+        record["step_reward_mean"] = [_nanmean(credit.rewards[:, k]) if credit.scored[:, k].any() else None
+                                      for k in range(credit.rewards.shape[1])]
+        record["gain_abs_mean"] = [_nanmean(credit.gains[:, k].abs())
+                                   if (credit.scored[:, k] & credit.scored[:, k + 1]).any() else None
+                                   for k in range(credit.gains.shape[1])]
     record.update({f"seconds_{phase}": value for phase, value in seconds.items()})
     return record
 
@@ -349,34 +350,21 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
             evaluation = evaluate(session) if _eval_due(config, iteration) else None
         counter.take()  # the work of the evaluation is not the iteration's
         with timer("rollout"):
-            recorded = collect(session, iteration, hooks)
+            trajectories = collect(session, iteration, hooks)
         with timer("rewards"):
-            assigned = assign_credit(session, recorded)
+            credit = assign_credit(session, trajectories)
         with timer("update"):
-            stats = improve(session, recorded, assigned, iteration)
-        require_finite(iteration, recorded, stats, session.model, session.team)
+            stats = update(session, trajectories, credit, iteration)
+        require_finite(iteration, trajectories, stats, session.model, session.team)
         elapsed += sum(timer.seconds.values()) - timer.seconds["eval"]
-        record = iteration_metrics(iteration, session, recorded, assigned, stats, timer.seconds)
-        record.update({name: int(team.sum(torch.tensor([float(count)])).item())
-                       for name, count in counter.take().items()}, seconds_elapsed=elapsed)
-        if evaluation is not None:
-            record["eval_reward_mean"] = evaluation.mean
-            if evaluation.components:
-                record["eval_reward_components"] = {name: _nanmean(values)
-                                                    for name, values in evaluation.components.items()}
+        record = iteration_metrics(iteration, session, trajectories, credit, stats, timer.seconds)
+        record.update(_work_counts(counter, team), seconds_elapsed=elapsed, **_evaluation_metrics(evaluation))
         log.log(record)
         if hooks.on_iteration and main:
             hooks.on_iteration(record)
         if progress and main:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{stats.approx_kl:.2e}")
-        done = iteration + 1
-        if done % config.train.checkpoint_every == 0 or done == config.train.iterations:
-            # Every process gathers (a collective when sharded); the main one writes.
-            lora, optimizer_state = lora_state_dict(session.model.module), full_tensors(session.optimizer.state_dict())
-            if main:
-                save_checkpoint(session.run_dir, done, config, lora, optimizer_state,
-                                keep=config.train.keep_checkpoints)
-            team.barrier()
+        checkpoint_if_due(session, iteration + 1)
     if config.train.eval_every and session.start_iteration < config.train.iterations:
         final_evaluation = evaluate(session)  # a collective: every process takes part
         log.log({"iteration": config.train.iterations, "eval_reward_mean": final_evaluation.mean,
@@ -393,6 +381,32 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
     team.barrier()
     return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=counter.model,
                        reward_curve=curve)
+
+
+def _work_counts(counter: CallCounter, team: Team) -> dict[str, int]:
+    """The model calls (and the like) of every process since the last ``take``."""
+    return {name: int(team.sum(torch.tensor([float(count)])).item()) for name, count in counter.take().items()}
+
+
+def _evaluation_metrics(evaluation: Evaluation | None) -> dict[str, Any]:
+    if evaluation is None:
+        return {}
+    record: dict[str, Any] = {"eval_reward_mean": evaluation.mean}
+    if evaluation.components:
+        record["eval_reward_components"] = {name: _nanmean(values) for name, values in evaluation.components.items()}
+    return record
+
+
+def checkpoint_if_due(session: Session, done: int) -> None:
+    """Checkpoint after ``done`` iterations when it is due (every ``checkpoint_every``, and the last): every process
+    gathers the LoRA and the optimizer state (a collective when sharded), the main one writes."""
+    config = session.config
+    if done % config.train.checkpoint_every and done != config.train.iterations:
+        return
+    lora, optimizer_state = lora_state_dict(session.model.module), full_tensors(session.optimizer.state_dict())
+    if session.team.is_main:
+        save_checkpoint(session.run_dir, done, config, lora, optimizer_state, keep=config.train.keep_checkpoints)
+    session.team.barrier()
 
 
 def batch_arithmetic(config: Config, processes: int) -> str:

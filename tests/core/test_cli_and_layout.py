@@ -119,7 +119,8 @@ def test_the_top_level_of_the_library_stays_small():
 def test_the_headless_tooling_finds_the_pack_and_the_demo_workflow():
     """The headless tools locate files relative to their own module: a move of the module must not break them."""
     from sfgrpo_core.headless.demo import TRAIN_WORKFLOW
-    from sfgrpo_core.headless.server import PACK_ROOT
+    from sfgrpo_core.shipped import in_checkout, pack_files
 
     assert TRAIN_WORKFLOW.is_file() and json.loads(TRAIN_WORKFLOW.read_text())
-    assert (PACK_ROOT / "__init__.py").is_file() and (PACK_ROOT / "nodes").is_dir() and PACK_ROOT == ROOT
+    assert in_checkout() and pack_files() == {name: ROOT / name for name in ("__init__.py", "nodes", "web",
+                                                                              "sfgrpo_core")}

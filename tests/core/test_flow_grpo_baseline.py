@@ -20,8 +20,8 @@ def _rollout(toy_config, **changes) -> tuple[trainer.Session, Rollout]:
     return session, trainer.collect(session, 0)
 
 
-def _group_rows(recorded: Rollout, group: int) -> torch.Tensor:
-    return recorded.states[recorded.batch.group_ids == group, 0]
+def _group_rows(trajectories: Rollout, group: int) -> torch.Tensor:
+    return trajectories.states[trajectories.batch.group_ids == group, 0]
 
 
 def test_initial_noise_defaults_by_method():
@@ -42,19 +42,19 @@ def test_flow_grpo_members_get_their_own_initial_noise_reproducibly(toy_config):
 
 
 def test_step_rewards_score_each_members_own_noise_when_it_is_not_shared(toy_config):
-    session, recorded = _rollout(toy_config, **{"train.initial_noise": "independent"})
+    session, trajectories = _rollout(toy_config, **{"train.initial_noise": "independent"})
     calls = []
 
     def reward(images, prompts, metadata=None):
         calls.append(len(prompts))
         return load_reward("toy_mode")(images, prompts)
 
-    result = step_rewards(session.model, recorded, reward, substeps=2, batch_sizes=BatchSizes(7, 7))
+    result = step_rewards(session.model, trajectories, reward, substeps=2, batch_sizes=BatchSizes(7, 7))
     rewards = result.scores.values
-    count, steps = recorded.log_probs.shape
+    count, steps = trajectories.log_probs.shape
     assert sum(calls) == result.images == count * (steps + 1)
     # r_0 of two members of one group differ (each completes its own x_1), and none is missing.
-    first_group = recorded.batch.group_ids == 0
+    first_group = trajectories.batch.group_ids == 0
     assert torch.isfinite(rewards).all() and rewards[first_group, 0].unique().numel() > 1
 
 
@@ -69,12 +69,12 @@ def test_flow_grpo_kl_scale_is_the_step_variance_kl_times_h():
 
 
 def test_zero_advantage_transitions_can_be_left_out_of_the_loss(toy_config):
-    _, recorded = _rollout(toy_config)
-    advantages = torch.randn(recorded.log_probs.shape, generator=torch.Generator().manual_seed(1))
-    advantages[recorded.batch.group_ids == 1] = 0.0  # a zero-variance group
-    kept = trainable_transitions(recorded.active, advantages)
-    dropped = trainable_transitions(recorded.active, advantages, skip_zero_advantage=True)
-    zero_rows = int((recorded.active & (advantages == 0)).sum())
+    _, trajectories = _rollout(toy_config)
+    advantages = torch.randn(trajectories.log_probs.shape, generator=torch.Generator().manual_seed(1))
+    advantages[trajectories.batch.group_ids == 1] = 0.0  # a zero-variance group
+    kept = trainable_transitions(trajectories.active, advantages)
+    dropped = trainable_transitions(trajectories.active, advantages, skip_zero_advantage=True)
+    zero_rows = int((trajectories.active & (advantages == 0)).sum())
     assert zero_rows > 0 and len(dropped[0]) == len(kept[0]) - zero_rows
     assert (advantages[dropped] != 0).all()
 

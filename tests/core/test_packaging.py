@@ -94,3 +94,59 @@ def test_installing_requirements_txt_keeps_the_installed_torch(tmp_path, torch_v
     assert not PROVIDED_BY_COMFYUI & planned, (
         f"with torch {version} installed pip plans {sorted(PROVIDED_BY_COMFYUI & planned)}, pulled in by: "
         + "; ".join(_pulled_in_by(report, PROVIDED_BY_COMFYUI)))
+
+
+@pytest.mark.slow
+def test_the_wheel_runs_its_shipped_configs_and_the_demo_outside_the_checkout(tmp_path):
+    """The wheel carries the configs, the example workflows and the ComfyUI pack: installed into a fresh venv (its
+    dependencies from this one's site-packages, torch included), `sfgrpo config miniworld` resolves the shipped
+    config by name and `sfgrpo demo` finds its workflow and the pack, from a folder that is not the checkout."""
+    import shutil
+    import sys
+    import sysconfig
+
+    source = tmp_path / "source"  # the tracked and new files only: no stale build/ of an earlier wheel
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("stepwise_flow_grpo-*.whl"))
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # The dependencies (torch, peft, ...) from this environment, after the venv's own packages.
+    (pathlib.Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site,
+                                str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def run(*args):
+        return subprocess.run([str(python), "-m", "sfgrpo_core.cli", *args], cwd=elsewhere, capture_output=True,
+                              text=True, timeout=600)
+
+    located = subprocess.run([str(python), "-c", "import sfgrpo_core, sfgrpo_core.shipped as s; "
+                              "from sfgrpo_core.headless.demo import TRAIN_WORKFLOW as w; "
+                              "print(sfgrpo_core.__file__, s.in_checkout(), w.is_file(), "
+                              "all(p.exists() for p in s.pack_files().values()))"],
+                             cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert located.returncode == 0, located.stderr[-3000:]
+    module, in_checkout, workflow, pack = located.stdout.split()
+    assert module.startswith(site) and (in_checkout, workflow, pack) == ("False", "True", "True"), located.stdout
+    shown = run("config", "miniworld")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "reward: mini_geneval" in shown.stdout and "output_dir: runs/miniworld" in shown.stdout
+    assert run("config", "miniworld_pickscore").stdout.count("mini_pickscore") >= 1
+    unknown = run("config", "no_such_recipe")
+    assert unknown.returncode == 2 and "shipped: miniworld" in unknown.stderr, unknown.stderr
+    demo = run("demo", "--help")
+    assert demo.returncode == 0 and "--out" in demo.stdout, demo.stderr[-3000:]

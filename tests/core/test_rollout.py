@@ -68,23 +68,23 @@ def _sub_batch(batch: PromptBatch, rows: list[int]) -> PromptBatch:
 
 def test_ode_rollout_records_euler_steps_from_sigma_k_to_sigma_k_plus_one():
     model = toy_world()
-    recorded = _rollout(model, sde="ode")
-    sigmas, states, condition = flow_sigmas(STEPS), recorded.states, recorded.batch.condition
+    trajectories = _rollout(model, sde="ode")
+    sigmas, states, condition = flow_sigmas(STEPS), trajectories.states, trajectories.batch.condition
     assert states.shape == (len(PROMPTS) * GROUP_SIZE, STEPS + 1, 2)
-    assert torch.equal(states[:, 0], recorded.batch.initial_noise)
-    assert torch.equal(recorded.final, states[:, STEPS])
-    x = recorded.batch.initial_noise
+    assert torch.equal(states[:, 0], trajectories.batch.initial_noise)
+    assert torch.equal(trajectories.final, states[:, STEPS])
+    x = trajectories.batch.initial_noise
     for k in range(STEPS):
         x = x + (sigmas[k + 1] - sigmas[k]) * model.velocity(x, sigmas[k].expand(len(x)), condition)
         torch.testing.assert_close(states[:, k + 1], x)
-    assert (recorded.stds == 0).all() and not recorded.active.any()
+    assert (trajectories.stds == 0).all() and not trajectories.active.any()
 
 
 def test_last_step_trains_only_with_train_last_step():
     model = toy_world()
-    recorded = _rollout(model)
-    assert (recorded.stds[:, -1] > 1e-3).all()  # Flow-GRPO's last step is stochastic, just small
-    assert recorded.active[:, :-1].all() and not recorded.active[:, -1].any()
+    trajectories = _rollout(model)
+    assert (trajectories.stds[:, -1] > 1e-3).all()  # Flow-GRPO's last step is stochastic, just small
+    assert trajectories.active[:, :-1].all() and not trajectories.active[:, -1].any()
     assert _rollout(model, train_last_step=True).active.all()
 
 
@@ -92,9 +92,9 @@ def test_min_train_std_drops_the_steps_below_it():
     model = toy_world()
     stds = _rollout(model).stds
     threshold = float(stds[0, 1:-1].median())
-    recorded = _rollout(model, min_train_std=threshold, train_last_step=True)
-    assert torch.equal(recorded.active, stds >= threshold)
-    assert recorded.active.any() and not recorded.active.all()
+    trajectories = _rollout(model, min_train_std=threshold, train_last_step=True)
+    assert torch.equal(trajectories.active, stds >= threshold)
+    assert trajectories.active.any() and not trajectories.active.all()
 
 
 @pytest.mark.parametrize("min_train_std,train_last_step", [(1e-4, False), (1e-4, True), (0.5, True)])
@@ -104,10 +104,10 @@ def test_the_trainer_rolls_out_with_the_configured_mask(min_train_std, train_las
                                  "sampler.min_train_std": min_train_std, "sampler.train_last_step": train_last_step,
                                  "train.prompts": PROMPTS[:2], "train.group_size": 2, "train.groups_per_iteration": 2,
                                  "lora.rank": 2})
-    recorded = trainer.collect(trainer.build_session(config, model=toy_world()), 0)
-    expected = recorded.stds >= min_train_std
+    trajectories = trainer.collect(trainer.build_session(config, model=toy_world()), 0)
+    expected = trajectories.stds >= min_train_std
     expected[:, -1] &= train_last_step
-    assert torch.equal(recorded.active, expected)
+    assert torch.equal(trajectories.active, expected)
     # The settings matter on this grid: the last step's std (~0.006) passes 1e-4, and 0.5 splits the other steps.
     assert bool(expected[:, -1].all()) == (train_last_step and min_train_std < 0.1)
     assert bool(expected[:, :-1].all()) == (min_train_std < 0.1) and expected.any()
@@ -118,18 +118,18 @@ def test_ddim_deterministic_steps_are_masked_even_with_train_last_step(min_train
     """The DDIM SDE's std is 0 at t = 1 (step 0) and at s = 0 (the last step): neither trains, whatever
     min_train_std (std 0 >= 0 must not make a step trainable)."""
     model = toy_world()
-    recorded = _rollout(model, sde="ddim", train_last_step=True, min_train_std=min_train_std)
-    assert (recorded.stds[:, 0] == 0).all() and (recorded.stds[:, -1] == 0).all()
-    assert not recorded.active[:, 0].any() and not recorded.active[:, -1].any()
-    assert recorded.active[:, 1:-1].all()
+    trajectories = _rollout(model, sde="ddim", train_last_step=True, min_train_std=min_train_std)
+    assert (trajectories.stds[:, 0] == 0).all() and (trajectories.stds[:, -1] == 0).all()
+    assert not trajectories.active[:, 0].any() and not trajectories.active[:, -1].any()
+    assert trajectories.active[:, 1:-1].all()
 
 
 @pytest.mark.parametrize("sde", ["flow_grpo", "ddim"])
 def test_group_members_share_the_initial_noise_not_the_step_noise(sde):
     model = toy_world()
-    recorded = _rollout(model, sde=sde)
-    states = recorded.states.reshape(len(PROMPTS), GROUP_SIZE, STEPS + 1, 2)
-    stds = recorded.stds.reshape(len(PROMPTS), GROUP_SIZE, STEPS)
+    trajectories = _rollout(model, sde=sde)
+    states = trajectories.states.reshape(len(PROMPTS), GROUP_SIZE, STEPS + 1, 2)
+    stds = trajectories.stds.reshape(len(PROMPTS), GROUP_SIZE, STEPS)
     assert (states[:, :, 0] == states[:, :1, 0]).all()
     assert len(torch.unique(states[:, 0, 0], dim=0)) == len(PROMPTS)  # the groups' noises differ
     for k in range(STEPS):
