@@ -49,8 +49,10 @@ def config_path(text: str) -> Path:
 
 
 def pack_files() -> dict[str, Path]:
-    """What a ComfyUI custom_nodes folder of this pack holds: name -> the file or folder to link there."""
+    """What ComfyUI loads of this pack from its custom_nodes folder: name -> the file or folder (the checkout's, or
+    the installed wheel's copies beside the installed library); ``workflows`` is its template browser's."""
+    names = ("__init__.py", "nodes", "web", "workflows", "sfgrpo_core")
     if in_checkout():
-        return {name: CHECKOUT / name for name in ("__init__.py", "nodes", "web", "sfgrpo_core")}
+        return {name: CHECKOUT / name for name in names}
     return {"__init__.py": PACKAGED / "pack" / "__init__.py", "nodes": PACKAGED / "pack" / "nodes",
-            "web": PACKAGED / "pack" / "web", "sfgrpo_core": PACKAGE}
+            "web": PACKAGED / "pack" / "web", "workflows": PACKAGED / "workflows", "sfgrpo_core": PACKAGE}

@@ -270,10 +270,11 @@ class ComfyServer:
         custom_nodes = self.run_dir / "custom_nodes"
         custom_nodes.mkdir(exist_ok=True)
         link = custom_nodes / PACK_NAME
-        if self.pack_root is not None and not link.is_symlink():
-            link.symlink_to(self.pack_root, target_is_directory=True)
-        elif self.pack_root is None and not link.exists():
-            link.mkdir()  # the pack's files, each linked from the checkout or from the installed wheel
+        pack = self.pack_root or (shipped.CHECKOUT if shipped.in_checkout() else None)
+        if pack is not None and not link.is_symlink():
+            link.symlink_to(pack, target_is_directory=True)
+        elif pack is None and not link.exists():
+            link.mkdir()  # an installed wheel: the pack's files, each linked from the package's copy
             for name, target in shipped.pack_files().items():
                 (link / name).symlink_to(target, target_is_directory=target.is_dir())
         # is_default puts these folders before ComfyUI's own models/ tree, so what nodes write into a model folder

@@ -123,4 +123,4 @@ def test_the_headless_tooling_finds_the_pack_and_the_demo_workflow():
 
     assert TRAIN_WORKFLOW.is_file() and json.loads(TRAIN_WORKFLOW.read_text())
     assert in_checkout() and pack_files() == {name: ROOT / name for name in ("__init__.py", "nodes", "web",
-                                                                              "sfgrpo_core")}
+                                                                              "workflows", "sfgrpo_core")}

@@ -1,5 +1,6 @@
 """Packaging for ComfyUI users: the Comfy registry's own validator accepts the pack."""
 
+import json
 import pathlib
 import subprocess
 
@@ -150,3 +151,20 @@ def test_the_wheel_runs_its_shipped_configs_and_the_demo_outside_the_checkout(tm
     assert unknown.returncode == 2 and "shipped: miniworld" in unknown.stderr, unknown.stderr
     demo = run("demo", "--help")
     assert demo.returncode == 0 and "--out" in demo.stdout, demo.stderr[-3000:]
+    # The demo's server: ComfyUI loads the pack from the installed wheel, nodes and example workflows.
+    served = subprocess.run([str(python), "-c", SERVE_FROM_THE_WHEEL, str(tmp_path / "comfy")], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=600)
+    assert served.returncode == 0, served.stdout[-2000:] + served.stderr[-3000:]
+    nodes, templates = json.loads(served.stdout.splitlines()[-1])
+    assert {"SFGRPOTrainLoRA", "SFGRPOSampler"} <= set(nodes), nodes
+    assert "train_lora" in templates, templates
+
+
+SERVE_FROM_THE_WHEEL = """
+import json, sys, urllib.request
+from sfgrpo_core.headless.server import ComfyServer
+with ComfyServer(sys.argv[1]) as server:
+    nodes = json.load(urllib.request.urlopen(server.url + "/object_info", timeout=60))
+    templates = json.load(urllib.request.urlopen(server.url + "/workflow_templates", timeout=60))
+print(json.dumps([sorted(name for name in nodes if name.startswith("SFGRPO")), templates.get("sfgrpo", [])]))
+"""
