@@ -165,9 +165,9 @@ class SFGRPOMiniWorldPromptList(io.ComfyNode):
 def register_mini_world_folders() -> None:
     """List the committed mini world's transformer in UNETLoader, its VAE in VAELoader and its demo LoRA in the LoRA
     loaders, each only there (once; no-op outside ComfyUI). The text encoder is loaded by
-    SFGRPOMiniWorldTextEncoder, not by a stock loader. The demo LoRA (mini_world_stepwise_demo.safetensors: 40
-    iterations of configs/miniworld.yaml, seed 0, held-out MiniGenEval 0.383 -> 0.443; see
-    benchmarks/results/comfyui_gap) lets workflows/sample_with_lora run on a fresh install."""
+    SFGRPOMiniWorldTextEncoder, not by a stock loader. The demo LoRA (mini_world_stepwise_demo.safetensors, trained
+    with configs/miniworld.yaml; docs/results.md says how far it moves MiniGenEval) lets workflows/sample_with_lora
+    run on a fresh install."""
     try:
         import folder_paths
     except ImportError:
