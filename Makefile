@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): pyproject.toml tests/imagereward_site.txt tests/browser/package-lock.json | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,diffusers,rewards,distributed]'
+	$(PY) -m pip install --quiet -e '.[dev,diffusers,rewards,distributed,tensorboard,wandb]'
 	# ImageReward clashes with open_clip (timm 0.6.13): its own pins in a folder of their own, for its test.
 	$(PY) -m pip install --quiet --no-deps --upgrade --target .cache/imagereward-site -r tests/imagereward_site.txt
 	# Headless Chromium (Debian's package; no browser download) and playwright-core (npm) for the browser test.

@@ -80,6 +80,10 @@ OPTIONAL_SETTINGS = (
     ("lr_final_ratio", "optim", "lr_final_ratio", None),
     ("lr_decay_iterations", "optim", "lr_decay_iterations", None),
 )
+# Added after reward_decode: a saved workflow's widget values map by position, so new widgets go last.
+TRAILING_SETTINGS = (
+    ("trackers", "train", "trackers", None),
+)
 
 
 def runs_root() -> Path:
@@ -110,7 +114,7 @@ def build_config(settings: dict[str, Any], *, reward: LoadedReward, prompts: Pro
     data: dict[str, dict[str, Any]] = {}
     for widget, section, name, _ in SETTINGS:
         data.setdefault(section, {})[name] = settings[widget]
-    for widget, section, name, _ in OPTIONAL_SETTINGS:
+    for widget, section, name, _ in (*OPTIONAL_SETTINGS, *TRAILING_SETTINGS):
         if settings.get(widget) is not None:
             data.setdefault(section, {})[name] = settings[widget]
     data["model"] = {"name": "comfyui", "device": device}
@@ -241,6 +245,8 @@ class SFGRPOTrainLoRA(io.ComfyNode):
                                        "AVX512-BF16 or AMX), otherwise as 'vae dtype'; 'vae dtype' exactly as "
                                        "ComfyUI decodes; 'bfloat16 autocast' always (on a CPU without native "
                                        "bfloat16 several times slower). Pixels differ by ~3/255."),
+                *[config_input(section, name, default=default, widget_id=widget, optional=True)
+                  for widget, section, name, default in TRAILING_SETTINGS],
                 Prompts.Input("eval_prompts", optional=True,
                               tooltip="Held-out prompts: the ODE sampler's mean reward on them is logged every "
                                       "eval_every iterations. Not connected: no evaluation."),

@@ -175,6 +175,12 @@ class TrainConfig:
                                                "when several processes train (accelerate launch) before it gives up "
                                                "with an error: a process that died never leaves the others hanging.",
                                         minimum=1.0)
+    trackers: str = option("none", "Experiment trackers that receive every metrics.jsonl field each iteration, "
+                                   "the evaluation images and the config: 'tensorboard' (event files in "
+                                   "<output_dir>/tensorboard; pip extra tensorboard), 'wandb' (a run under "
+                                   "<output_dir>/wandb, offline unless W&B is logged in or WANDB_MODE says "
+                                   "otherwise; pip extra wandb), both, or 'none'.",
+                           choices=("none", "tensorboard", "wandb", "tensorboard,wandb"))
     sharding: str = option("auto", "With several processes: 'none' keeps the whole model on every process (DDP, "
                                    "configs/accelerate/ddp.yaml); 'fsdp' shards the model and the LoRA over the "
                                    "processes with torch FSDP2, each transformer block on its own (for models "
@@ -195,7 +201,7 @@ SECTIONS: dict[str, type[DataclassInstance]] = {
 # Fields a resumed run may change: they extend or re-schedule the run without changing what was learned so far.
 RESUMABLE_CHANGES = frozenset({"train.iterations", "train.checkpoint_every", "train.keep_checkpoints",
                                "train.eval_every", "model.device", "train.output_dir",
-                               "train.distributed_timeout", "train.sharding"})
+                               "train.distributed_timeout", "train.sharding", "train.trackers"})
 
 
 @dataclass(frozen=True)

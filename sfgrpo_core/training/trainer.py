@@ -20,6 +20,7 @@ from .. import models, rewards, seeding
 from ..algorithm.advantages import zero_variance_fraction
 from ..algorithm.schedule import flow_sigmas
 from ..algorithm.sde import get_step_function
+from ..algorithm.tweedie import x0_estimate
 from ..atomic import atomic_write_text
 from ..config import RESUMABLE_CHANGES, Config, ConfigError, config_differences
 from ..lora.adapters import attach_lora, load_lora_state_dict, lora_state_dict, write_lora
@@ -32,6 +33,7 @@ from .lr_schedule import LR_SCHEDULES
 from .metrics import CallCounter, MetricsLog
 from .rollout import Rollout, StepCallback, choose_prompts, independent_noise, make_prompt_batch, rollout
 from .step_rewards import BatchSizes, score_in_batches
+from .trackers import Trackers
 from .update import UpdateStats, update_policy
 
 
@@ -229,6 +231,8 @@ class Evaluation:
     components: dict[str, torch.Tensor] = field(default_factory=dict)
     judged: dict[str, torch.Tensor] = field(default_factory=dict)
     """Each judge's [n] scores of the same samples (``evaluate(judges=...)``)."""
+    preview: Any = None
+    """The first samples decoded (``evaluate(preview=...)``; uint8 [k, H, W, 3] for an image model), or None."""
 
     @property
     def mean(self) -> float:
@@ -236,10 +240,10 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(session: Session, judges: dict[str, rewards.Reward] | None = None) -> Evaluation:
+def evaluate(session: Session, judges: dict[str, rewards.Reward] | None = None, preview: int = 0) -> Evaluation:
     """Held-out rewards of ODE samples, ``train.eval_samples`` per eval prompt (fixed seeds, so successive
     evaluations differ only by the policy). ``judges`` (name -> reward) score the same samples too: a gold judge
-    beside a proxy reward, say."""
+    beside a proxy reward, say. ``preview`` > 0 keeps that many of the samples decoded (``Evaluation.preview``)."""
     config = session.config
     sigmas = flow_sigmas(config.train.eval_steps, config.sampler.shift)
     count = len(session.eval_prompts) * config.train.eval_samples
@@ -259,7 +263,9 @@ def evaluate(session: Session, judges: dict[str, rewards.Reward] | None = None) 
     if rows.stop - rows.start < count:
         scores = gather_scores(team, scores)
         judged = {name: team.gather_rows(values) for name, values in judged.items()}
-    return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components, judged=judged)
+    shown = session.model.decode(samples[:preview]) if preview else None
+    return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components, judged=judged,
+                      preview=shown)
 
 
 class NonFiniteError(RuntimeError):
@@ -344,10 +350,13 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
             print(f"sfgrpo: FSDP shards the model over the {team.size} processes: {session.sharded_blocks} "
                   "transformer blocks one by one, then the rest", file=sys.stderr, flush=True)
     bar = _progress_bar(iterations, progress and main)
+    trackers = Trackers(config.train.trackers if main else "none", session.run_dir, session.run_dir.name)
+    trackers.log_config(config.to_dict())
+    preview = PREVIEW_SAMPLES if trackers.trackers else 0
     for iteration in bar:
         timer = PhaseTimer()
         with timer("eval"):
-            evaluation = evaluate(session) if _eval_due(config, iteration) else None
+            evaluation = evaluate(session, preview=preview) if _eval_due(config, iteration) else None
         counter.take()  # the work of the evaluation is not the iteration's
         with timer("rollout"):
             trajectories = collect(session, iteration, hooks)
@@ -360,15 +369,19 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
         record = iteration_metrics(iteration, session, trajectories, credit, stats, timer.seconds)
         record.update(_work_counts(counter, team), seconds_elapsed=elapsed, **_evaluation_metrics(evaluation))
         log.log(record)
+        track(trackers, session, record, trajectories, evaluation)
         if hooks.on_iteration and main:
             hooks.on_iteration(record)
         if progress and main:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{stats.approx_kl:.2e}")
         checkpoint_if_due(session, iteration + 1)
     if config.train.eval_every and session.start_iteration < config.train.iterations:
-        final_evaluation = evaluate(session)  # a collective: every process takes part
-        log.log({"iteration": config.train.iterations, "eval_reward_mean": final_evaluation.mean,
-                 "seconds_elapsed": elapsed, "world_size": team.size})
+        final_evaluation = evaluate(session, preview=preview)  # a collective: every process takes part
+        final_record = {"iteration": config.train.iterations, "eval_reward_mean": final_evaluation.mean,
+                        "seconds_elapsed": elapsed, "world_size": team.size}
+        log.log(final_record)
+        track(trackers, session, final_record, None, final_evaluation)
+    trackers.close()
     lora_path = session.run_dir / "lora.safetensors"
     curve = reward_curve_figure(log.records, title=f"{config.train.reward}: credit {config.credit.method}, sde "
                                                    f"{config.sampler.sde}, seed {config.train.seed}")
@@ -381,6 +394,43 @@ def train(config: Config, *, model: VelocityModel | None = None, reward: rewards
     team.barrier()
     return TrainResult(run_dir=session.run_dir, lora_path=lora_path, records=log.records, model=counter.model,
                        reward_curve=curve)
+
+
+PREVIEW_SAMPLES = 8  # held-out samples a tracker shows at each evaluation
+
+
+def track(trackers: Trackers, session: Session, record: dict[str, Any], trajectories: Rollout | None,
+          evaluation: Evaluation | None) -> None:
+    """Send an iteration's record to the trackers and, at an evaluation, its images: the held-out samples in a row
+    and the x0 estimates x_k - t_k v_k along the iteration's first trajectory, then its final sample (image models
+    only: a backend whose decode gives no uint8 [B, H, W, 3] images has none to show)."""
+    if not trackers.trackers:
+        return
+    trackers.log_record(record, record["iteration"])
+    if evaluation is None:
+        return
+    if _is_image_batch(evaluation.preview):
+        trackers.log_image("eval/samples", _row(evaluation.preview), record["iteration"])
+    if trajectories is not None:
+        estimates = x0_estimate(trajectories.states[:1, :-1].flatten(0, 1), trajectories.velocities[:1].flatten(0, 1),
+                                trajectories.sigmas[:-1].to(trajectories.states.device))
+        strip = session.model.decode(torch.cat([estimates, trajectories.final[:1].float()]))
+        if _is_image_batch(strip):
+            trackers.log_image("rollout/x0_estimates", _row(strip), record["iteration"])
+
+
+def _is_image_batch(images: Any) -> bool:
+    return (isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8
+            and images.shape[-1] == 3)
+
+
+def _row(images: torch.Tensor, gap: int = 2) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> one uint8 [H, B W + (B - 1) gap, 3] image, the images side by side."""
+    count, height, width, _ = images.shape
+    row = np.full((height, count * width + (count - 1) * gap, 3), 24, dtype=np.uint8)
+    for index, image in enumerate(images.cpu().numpy()):
+        row[:, index * (width + gap) : index * (width + gap) + width] = image
+    return row
 
 
 def _work_counts(counter: CallCounter, team: Team) -> dict[str, int]:

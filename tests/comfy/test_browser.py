@@ -168,7 +168,7 @@ def test_the_view_is_neither_queued_nor_saved_with_the_workflow(browser_run):
     assert "iterations" in serialized["prompt_inputs"]
     assert not [name for name in serialized["prompt_inputs"] if name.startswith("sfgrpo_")], serialized
     # 28 widgets: run_name, resume, width, height, the 20 settings, the 3 optional lr-schedule ones, reward_decode
-    assert len(serialized["widgets_values"]) == 28 and serialized["widgets_values"][0] == result["run_name"]
+    assert len(serialized["widgets_values"]) == 29 and serialized["widgets_values"][0] == result["run_name"]
 
 
 def test_the_score_and_train_nodes_show_their_text_output(browser_run):
