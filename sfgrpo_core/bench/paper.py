@@ -275,6 +275,10 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
             "final_per_category": _category_means([complete[s]["evals"][-1] for s in complete]),
             "seconds_per_iteration": _mean([r["seconds_rollout"] + r["seconds_rewards"] + r["seconds_update"]
                                             for r in trained]),
+            # The median is what an undisturbed iteration costs: a run paused or crowded for a while (a shared
+            # machine) inflates the mean and the cumulative seconds of the curves, not the median.
+            "seconds_per_iteration_median": _median([r["seconds_rollout"] + r["seconds_rewards"] + r["seconds_update"]
+                                                     for r in trained]),
             "seconds_per_iteration_by_phase": {phase: _mean([r[f"seconds_{phase}"] for r in trained])
                                                for phase in ("rollout", "rewards", "update")},
             "model_calls_per_iteration": _mean([r.get("model_calls", math.nan) for r in trained]),
@@ -295,7 +299,9 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
 def catch_up(stepwise: dict[str, Any] | None, flow_grpo: dict[str, Any] | None, budget: int) -> dict[str, Any]:
     """Iterations and seconds Stepwise needs (mean curve over seeds) to reach Flow-GRPO's final held-out score (mean
     over seeds), as fractions of Flow-GRPO's own, over the seeds both finished (each seed evaluates with its own
-    noise, so arms compare seed by seed); None when there are none or Stepwise never reaches it."""
+    noise, so arms compare seed by seed); None when there are none or Stepwise never reaches it. ``seconds_ratio``
+    reads the runs' cumulative seconds; ``seconds_ratio_median`` the same from each arm's median seconds per
+    iteration (immune to a run paused or crowded for a while on a shared machine)."""
     result: dict[str, Any] = {"iterations_ratio": None, "seconds_ratio": None, "flow_grpo_final": None, "seeds": []}
     if not stepwise or not flow_grpo:
         return result
@@ -318,6 +324,9 @@ def catch_up(stepwise: dict[str, Any] | None, flow_grpo: dict[str, Any] | None, 
             seconds = _mean(on_seeds(point, "seconds", stepwise))
             result["seconds_ratio"] = seconds / flow_seconds if flow_seconds else None
             result["stepwise_reaches_at_iteration"] = int(iteration)
+            if stepwise.get("seconds_per_iteration_median") and flow_grpo.get("seconds_per_iteration_median"):
+                result["seconds_ratio_median"] = (int(iteration) * stepwise["seconds_per_iteration_median"]
+                                                  / (budget * flow_grpo["seconds_per_iteration_median"]))
             break
     return result
 
@@ -341,6 +350,11 @@ def _category_means(records: list[dict[str, Any]]) -> dict[str, float]:
     categories = sorted({c for r in records for c in r["per_category"]})
     return {c: _mean([r["per_category"][c] for r in records if r["per_category"].get(c) is not None])
             for c in categories}
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.median(finite)) if finite else math.nan
 
 
 def _mean(values: Sequence[float]) -> float:

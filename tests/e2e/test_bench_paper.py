@@ -76,6 +76,11 @@ def test_catch_up_finds_where_stepwise_reaches_flow_grpos_final_score():
     result = catch_up(stepwise, flow, 100)
     assert result["stepwise_reaches_at_iteration"] == 50 and result["iterations_ratio"] == 0.5
     assert abs(result["seconds_ratio"] - 550 / 1100) < 1e-12
+    assert "seconds_ratio_median" not in result  # no per-iteration costs given
+    # From the median seconds per iteration: 50 iterations at 30 s against 100 at 10 s.
+    with_medians = catch_up({**stepwise, "seconds_per_iteration_median": 30.0},
+                            {**flow, "seconds_per_iteration_median": 10.0}, 100)
+    assert abs(with_medians["seconds_ratio_median"] - 1.5) < 1e-12
     never = arm([(0, [0.3, 0.3]), (100, [0.35, 0.36])])
     assert catch_up(never, flow, 100)["iterations_ratio"] is None
     # Only the seeds both arms finished count: against seed 1 alone (final 0.44) Stepwise needs 100 iterations.
