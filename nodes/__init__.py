@@ -11,10 +11,11 @@ NODES: list[Any] = [*sampler.NODES, *prompts.NODES, *rewards.NODES, *preview.NOD
 
 def register_with_comfyui() -> None:
     """What the pack adds to ComfyUI besides its nodes (idempotent): the sfgrpo SDE names in the stock KSampler and
-    KSamplerSelect lists, the mini world's folders for UNETLoader, VAELoader and the LoRA loaders, and the route the
-    training view refills its chart from (GET /sfgrpo/training)."""
+    KSamplerSelect lists, the mini world's folders for UNETLoader, VAELoader and the LoRA loaders, models/rewards for
+    Load Reward's weights, and the route the training view refills its chart from (GET /sfgrpo/training)."""
     sampler.register_ksampler_names()
     prompts.register_mini_world_folders()
+    rewards.register_reward_folder()
     routes.register_routes()
 
 

@@ -13,6 +13,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import comfy.model_management
 import torch
@@ -21,6 +22,7 @@ from comfy_api.latest import io, ui
 from ..sfgrpo_core import rewards
 from ..sfgrpo_core.finite_json import NonFiniteJSONError, loads_finite
 from ..sfgrpo_core.images import to_uint8
+from ..sfgrpo_core.rewards.folders import WEIGHTS, listed, weights_help, weights_options
 from .prompts import prompt_lines
 from .types import CATEGORY as PACK_CATEGORY
 from .types import LoadedReward, Reward
@@ -28,12 +30,39 @@ from .types import LoadedReward, Reward
 CATEGORY = f"{PACK_CATEGORY}/rewards"
 
 
-def load_reward(name: str, options: str) -> LoadedReward:
-    """The registered reward ``name`` built with the keyword options of the JSON object ``options``.
+REWARDS_FOLDER = "rewards"  # ComfyUI's models/rewards (and extra_model_paths.yaml's "rewards:" entries)
+AUTO_WEIGHTS = "auto"
+
+
+def register_reward_folder() -> None:
+    """Register ``models/rewards`` with ComfyUI's folder_paths (once; folders that extra_model_paths.yaml lists
+    under ``rewards:`` join it), where Load Reward finds reward weights."""
+    import os
+
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, REWARDS_FOLDER)
+    if default not in folder_paths.folder_names_and_paths.get(REWARDS_FOLDER, ([], set()))[0]:
+        folder_paths.add_model_folder_path(REWARDS_FOLDER, default)
+
+
+def reward_folders() -> list[Path]:
+    import folder_paths
+
+    if REWARDS_FOLDER not in folder_paths.folder_names_and_paths:
+        return []
+    return [Path(folder) for folder in folder_paths.get_folder_paths(REWARDS_FOLDER)]
+
+
+def load_reward(name: str, options: str, weights: str = AUTO_WEIGHTS) -> LoadedReward:
+    """The registered reward ``name`` built with the keyword options of the JSON object ``options``; a model-backed
+    reward's weights come from the rewards folders (``weights``: "auto" finds them by their hub names, another
+    value names the folder or file to use) unless ``options`` names them.
 
     Raises:
         ValueError: "reward: ..." for an unknown name (listing the available ones); "options: ..." for text that
-            is not a JSON object or options the reward's factory rejects.
+            is not a JSON object or options the reward's factory rejects (with what a rewards folder should hold);
+            "weights: ..." for a name not in the rewards folders.
     """
     if name not in rewards.available():
         raise ValueError(f"reward: unknown reward {name!r}; choose one of: {', '.join(rewards.available())}")
@@ -48,6 +77,10 @@ def load_reward(name: str, options: str) -> LoadedReward:
     if not isinstance(parsed, dict):
         raise ValueError(f"options: expected a JSON object of keyword options such as {{\"quality\": 90}}, got "
                          f"{type(parsed).__name__}")
+    if weights != AUTO_WEIGHTS and name not in WEIGHTS:
+        raise ValueError(f"weights: reward {name!r} reads no weights from a rewards folder; choose {AUTO_WEIGHTS!r}")
+    folders = reward_folders()
+    parsed = {**weights_options(name, folders, chosen=None if weights == AUTO_WEIGHTS else weights), **parsed}
     options_json = json.dumps(parsed, sort_keys=True)
     # The factory too: a reward registered again under the same name (a plug-in reloaded) is built anew.
     key = (name, options_json, id(rewards.factory(name)))
@@ -55,7 +88,9 @@ def load_reward(name: str, options: str) -> LoadedReward:
         try:
             reward = rewards.load(name, **parsed)
         except (TypeError, ValueError) as error:  # unknown keyword (load turns it into ValueError) or a bad value
-            raise ValueError(f"options: reward {name!r} rejected {text}: {error}") from None
+            where = weights_help(name, folders)
+            raise ValueError(f"options: reward {name!r} rejected {options_json}: {error}"
+                             + (f"\n{where}" if where else "")) from None
         if hasattr(reward, "torch_modules"):  # a TorchReward, or a mix holding some
             reward.to(comfy.model_management.unet_offload_device())
         _LOADED[key] = LoadedReward(name=name, options_json=options_json, reward=reward)
@@ -159,14 +194,24 @@ class SFGRPOLoadReward(io.ComfyNode):
                                 tooltip='Keyword options of the reward as a JSON object, e.g. {"quality": 90} for '
                                         "the JPEG rewards; {} for the defaults. Each reward's options:\n"
                                         + options_help()),
+                io.Combo.Input("weights", options=[AUTO_WEIGHTS, *listed(reward_folders())], default=AUTO_WEIGHTS,
+                               optional=True,
+                               tooltip="Where a model-backed reward (pickscore, clip, aesthetic, hps, imagereward) "
+                                       "gets its weights: the files and folders in ComfyUI's models/rewards (and "
+                                       "extra_model_paths.yaml's rewards: folders). 'auto' finds them by their hub "
+                                       "names (PickScore_v1 and CLIP-ViT-H-14-laion2B-s32B-b79K for pickscore, "
+                                       "clip-vit-large-patch14 for clip, sac+logos+ava1-l14-linearMSE for "
+                                       "aesthetic's head, HPSv2 or HPS_v2.1_compressed.pt for hps, ImageReward); "
+                                       "another entry is used as the reward's model. Options that name weights "
+                                       "win."),
             ],
             outputs=[Reward.Output(display_name="reward", tooltip="The loaded reward, for the Score, Tweedie "
                                                                   "Preview and trainer nodes.")],
         )
 
     @classmethod
-    def execute(cls, reward: str, options: str) -> io.NodeOutput:
-        return io.NodeOutput(load_reward(reward, options))
+    def execute(cls, reward: str, options: str, weights: str = AUTO_WEIGHTS) -> io.NodeOutput:
+        return io.NodeOutput(load_reward(reward, options, weights))
 
 
 class SFGRPOScore(io.ComfyNode):

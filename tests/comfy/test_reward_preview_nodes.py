@@ -233,6 +233,43 @@ def test_load_reward_refuses_bad_options(engine, options, expected):
     assert _error_message(engine, graph).startswith(expected)
 
 
+def test_reward_weights_come_from_the_rewards_models_folder(engine, tmp_path, monkeypatch):
+    """PickScore's two hub repos as folders under their hub names in a registered rewards folder (here one that
+    extra_model_paths.yaml would add): Load Reward lists them, 'auto' loads them, and the score equals the core's
+    own load of the same folders; a reward whose weights are missing says which files go in which folder."""
+    import shutil
+
+    import folder_paths
+
+    from sfgrpo_core import rewards
+    from sfgrpo_core.bench.reward_models import build_stand_in
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub: weights come from the folder or not at all
+    stand_in = build_stand_in("pickscore", tmp_path / "stand_in")
+    folder = tmp_path / "rewards"
+    shutil.copytree(stand_in["model"], folder / "PickScore_v1")
+    shutil.copytree(stand_in["processor"], folder / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "rewards",
+                        (list(folder_paths.get_folder_paths("rewards")) + [str(folder)], set()))
+    schema = engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOLoadReward"].INPUT_TYPES()
+    listed = set(schema["optional"]["weights"][1]["options"])  # a V3 combo: ("COMBO", {"options": [...]})
+    assert {"auto", "PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"} <= listed
+
+    images = _two_flat_images(0x2040C0, 0xE0E0E0)
+    reward = {"class_type": "SFGRPOLoadReward", "inputs": {"reward": "pickscore", "options": "{}", "weights": "auto"}}
+    _run_ok(engine, _score_graph(images, reward, "a blue square"))
+    scores = CAPTURED["score"]["scores"]
+    core = rewards.load("pickscore", model=str(folder / "PickScore_v1"),
+                        processor=str(folder / "CLIP-ViT-H-14-laion2B-s32B-b79K"))
+    pixels = torch.tensor([[[[0x20, 0x40, 0xC0]]], [[[0xE0, 0xE0, 0xE0]]]], dtype=torch.uint8).expand(2, 64, 64, 3)
+    expected = core(pixels, ["a blue square"] * 2)
+    assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+
+    missing = {"class_type": "SFGRPOLoadReward", "inputs": {"reward": "clip", "options": "{}", "weights": "auto"}}
+    message = _error_message(engine, _score_graph(images, missing, "a blue square"))
+    assert "clip-vit-large-patch14" in message and str(folder) in message, message
+
+
 def test_an_unknown_reward_name_is_refused_naming_the_input(engine):
     """ComfyUI 0.3.75's validate_prompt checks only V1 list combos, not V3 ("COMBO", {"options"}) ones, so there
     the node itself must refuse the name; a ComfyUI that validates V3 combos refuses it before running."""

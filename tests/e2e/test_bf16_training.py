@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from sfgrpo_core import models
 from sfgrpo_core.config import load_config
 from sfgrpo_core.training.trainer import train
