@@ -4,9 +4,10 @@ from typing import Any
 
 from comfy_api.latest import ComfyExtension
 
-from . import preview, prompts, rewards, routes, sampler, train
+from . import credit_signal, preview, prompts, rewards, routes, sampler, train
 
-NODES: list[Any] = [*sampler.NODES, *prompts.NODES, *rewards.NODES, *preview.NODES, *train.NODES]
+NODES: list[Any] = [*sampler.NODES, *prompts.NODES, *rewards.NODES, *preview.NODES, *train.NODES,
+                    *credit_signal.NODES]
 
 
 def register_with_comfyui() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ def step_signal(rewards: torch.Tensor, group_ids: torch.Tensor, active: torch.Te
 @torch.no_grad()
 def continuation_values(model: VelocityModel, trajectories: Rollout, reward: rewards.Reward, step_fn: StepFunction,
                         continuations: int, batch_sizes: BatchSizes, seed: int,
-                        final_rewards: torch.Tensor) -> torch.Tensor:
+                        final_rewards: torch.Tensor, on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """[N, T + 1] v_k: the mean final reward of ``continuations`` SDE continuations from each state x_k (k < T; each
     distinct state once, as ``step_rewards`` completes them), and the final sample's reward at k = T."""
     members, step_index, index = distinct_states(trajectories)
@@ -138,6 +139,8 @@ def continuation_values(model: VelocityModel, trajectories: Rollout, reward: rew
         ends = rollout(model, batch, trajectories.sigmas[k:], step_fn, chunk_size=batch_sizes.samples).final
         scores = score_in_batches(model, reward, ends, batch.prompts, batch_sizes.rewards).values
         distinct_values[chosen] = scores.view(-1, continuations).nanmean(dim=1)
+        if on_step is not None:
+            on_step()
     values = torch.full((count, steps + 1), float("nan"))
     values[:, :steps] = distinct_values[index]
     values[:, steps] = final_rewards
@@ -150,18 +153,32 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
     (with ``continuations`` > 0, also against each state's value from that many continuations)."""
     from ..lora.adapters import load_lora_state_dict
     from ..training.checkpoint import load_checkpoint
-    from ..training.trainer import build_session, collect, step_function_for
+    from ..training.trainer import build_session
 
     config = load_config(config_path).replace(**changes)
     session = build_session(config)
     if checkpoint is not None:
         load_lora_state_dict(session.model.module, load_checkpoint(checkpoint).lora)
+    return {"config": str(config_path), "checkpoint": str(checkpoint) if checkpoint else None,
+            **measure_session(session, batches, continuations)}
+
+
+def measure_session(session: Any, batches: int, continuations: int = 0,
+                    on_progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """``measure`` on a built training session (``trainer.build_session``: its model, reward and config), e.g. a
+    ComfyUI MODEL's. ``on_progress`` is called after each batch's step rewards and after each step's continuations
+    (``progress_ticks`` calls in all): a place to report progress and to stop."""
+    from ..training.trainer import collect, step_function_for
+
+    config = session.config
+    tick = on_progress or (lambda: None)
     sizes = BatchSizes(samples=config.train.sample_batch_size, rewards=config.train.reward_batch_size)
     all_rewards, all_groups, all_active, all_values = [], [], [], []
     for iteration in range(batches):
         trajectories = collect(session, iteration)
         scored = step_rewards(session.model, trajectories, session.reward, substeps=config.credit.substeps,
                               batch_sizes=sizes, completion=config.credit.completion)
+        tick()
         all_rewards.append(scored.scores.values)
         all_groups.append(trajectories.batch.group_ids.cpu() + iteration * config.train.groups_per_iteration)
         all_active.append(trajectories.active.cpu())
@@ -169,19 +186,86 @@ def measure(config_path: Path, changes: dict[str, Any], batches: int, checkpoint
             all_values.append(continuation_values(session.model, trajectories, session.reward,
                                                   step_function_for(config), continuations, sizes,
                                                   seed=config.train.seed,
-                                                  final_rewards=scored.scores.values[:, -1]))
+                                                  final_rewards=scored.scores.values[:, -1], on_step=tick))
     values = torch.cat(all_values) if continuations else None
-    return {"config": str(config_path), "sampling_steps": config.sampler.steps, "substeps": config.credit.substeps,
+    return {"sampling_steps": config.sampler.steps, "substeps": config.credit.substeps,
             "completion": config.credit.completion,
             "sde": config.sampler.sde, "eta": config.sampler.eta, "reward": config.train.reward,
-            "reward_options": config.reward_kwargs,
-            "checkpoint": str(checkpoint) if checkpoint else None, "seed": config.train.seed,
-            "continuations": continuations,
+            "reward_options": config.reward_kwargs, "seed": config.train.seed, "continuations": continuations,
             **step_signal(torch.cat(all_rewards), torch.cat(all_groups), torch.cat(all_active), values)}
 
 
+def progress_ticks(batches: int, steps: int, continuations: int) -> int:
+    """How many times ``measure_session`` calls ``on_progress``."""
+    return batches * (1 + (steps if continuations else 0))
+
+
+# A step counts when its true gains carry at least this share of the final reward's variance, and one credit is
+# better aligned than the other when its correlation is higher by more than the margin (ours: with 100-200
+# trajectories a correlation's standard error is ~0.07-0.1; the margin asks for a difference a user can act on).
+MATERIAL_SHARE, ALIGNMENT_MARGIN = 0.10, 0.05
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """One line: at which trained steps (carrying a material share of the outcome's variance) Stepwise's gains are
+    the better aligned with the true per-step gains, and whether Stepwise is likely to pay. Needs continuations."""
+    steps = [step for step in result["steps"] if step["trains"] and "stepwise_alignment" in step
+             and math.isfinite(step.get("true_gain_share", math.nan))
+             and step["true_gain_share"] >= MATERIAL_SHARE]
+    if not steps:
+        return ("no verdict: measure with continuations (values) > 0 on rollouts whose rewards vary within groups; "
+                "no trained step carries a measurable share of the outcome's variance")
+    better = [s for s in steps if s["stepwise_alignment"] > s["flow_grpo_alignment"] + ALIGNMENT_MARGIN]
+    worse = [s for s in steps if s["stepwise_alignment"] < s["flow_grpo_alignment"] - ALIGNMENT_MARGIN]
+    share = sum(s["true_gain_share"] for s in steps)
+    better_share = sum(s["true_gain_share"] for s in better) / share
+
+    def names(chosen: list[dict[str, Any]]) -> str:
+        return ", ".join(str(s["step"]) for s in chosen)
+
+    if better and better_share >= 0.5 and not worse:
+        return (f"per-step credit is informative at steps {names(better)} ({better_share:.0%} of the variance the "
+                "trained steps carry): Stepwise is likely to pay")
+    if better and better_share >= 0.5:
+        return (f"per-step credit is informative at steps {names(better)} ({better_share:.0%} of the variance) but "
+                f"worse than the final reward at steps {names(worse)}: Stepwise may pay; try more substeps (T')")
+    return (f"per-step credit is no better than the final reward at the steps that carry the variance "
+            f"({names(steps)}; better at {names(better) or 'none'}): Flow-GRPO is the better pick here")
+
+
+def signal_figure(result: dict[str, Any], size: tuple[int, int] = (760, 420)) -> Any:
+    """The measurement as a picture (RGB uint8 [H, W, 3]): per step, the share of the outcome's variance its true
+    gain carries (bars) and each credit's alignment with the true gains (lines), the verdict as the title."""
+    import numpy as np
+
+    from ..training.figures import figure_pixels, new_figure
+
+    figure, canvas = new_figure(size)
+    axis = figure.subplots(1, 1)
+    steps = [step for step in result["steps"] if step["trains"]]
+    x = np.array([step["step"] for step in steps])
+    if steps and "stepwise_alignment" in steps[0]:
+        axis.bar(x, [step["true_gain_share"] for step in steps], color="0.8",
+                 label="share of the variance (true gain)")
+        axis.plot(x, [step["stepwise_alignment"] for step in steps], "o-", color="C0", label="Stepwise's gain g_k")
+        axis.plot(x, [step["flow_grpo_alignment"] for step in steps], "s--", color="C1",
+                  label="Flow-GRPO's credit r_T")
+        axis.set_ylabel("correlation with the true per-step gain")
+    else:
+        axis.bar(x, [step["share"] for step in steps], color="0.8", label="share of the variance (estimate's gain)")
+    axis.axhline(0, color="0.5", linewidth=0.8)
+    axis.set_xlabel("trained step k")
+    axis.set_xticks(x)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    title = verdict(result)
+    axis.set_title(title if len(title) < 95 else title[:title.rfind(" ", 0, 95)] + " ...", fontsize=8)
+    figure.tight_layout()
+    return figure_pixels(canvas)
+
+
 def table(result: dict[str, Any]) -> str:
-    checkpoint = result["checkpoint"] or "none (base model)"
+    checkpoint = result.get("checkpoint") or "none (base model)"
     completion = "the remaining grid" if result.get("completion") == "grid" else f"T' = {result['substeps']}"
     lines = [f"T = {result['sampling_steps']}, {completion}, checkpoint {checkpoint}: "
              f"{result['trajectories']} trajectories, final reward {result['final_reward_mean']:.3f}, "
@@ -235,6 +319,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     result = measure(config_path(args.config), changes, args.batches, checkpoint, args.values)
     print(table(result))
+    if args.values:
+        print(f"verdict: {verdict(result)}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with Path(args.out).open("a") as handle:

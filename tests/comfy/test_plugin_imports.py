@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 NODE_IDS = {"SFGRPOSampler", "SFGRPOPrompts", "SFGRPOMiniWorldTextEncoder", "SFGRPOMiniWorldPromptList",
-            "SFGRPOLoadReward", "SFGRPOScore", "SFGRPOTweediePreview", "SFGRPOTrainLoRA"}
+            "SFGRPOLoadReward", "SFGRPOScore", "SFGRPOTweediePreview", "SFGRPOTrainLoRA", "SFGRPOCreditSignal"}
 
 SCRIPT = """
 import asyncio, importlib, json, sys

@@ -81,3 +81,35 @@ def test_the_cli_refuses_out_of_range_counts_naming_the_flag(flag, value, capsys
 
     assert main(["bench", "signal", flag, value]) == 2
     assert f"{flag}: {value} is below" in capsys.readouterr().out
+
+
+def _step(k, share, stepwise, flow, trains=True):
+    return {"step": k, "trains": trains, "true_gain_share": share, "stepwise_alignment": stepwise,
+            "flow_grpo_alignment": flow}
+
+
+def test_the_verdict_weighs_the_steps_by_the_variance_they_carry():
+    from sfgrpo_core.bench.signal import verdict
+
+    # mini_pickscore, T' = 5 (docs/results.md): better at every material step
+    pays = {"steps": [_step(0, 0.0, math.nan, math.nan, trains=False), _step(1, 0.33, 0.59, 0.33),
+                      _step(2, 0.35, 0.54, 0.44), _step(3, 0.29, 0.63, 0.53), _step(4, 0.15, 0.80, 0.41),
+                      _step(5, 0.10, 0.86, 0.35), _step(6, 0.0, 0.1, 0.05, trains=False)]}
+    assert verdict(pays).startswith("per-step credit is informative at steps 1, 2, 3, 4, 5 (100% of")
+    assert verdict(pays).endswith("Stepwise is likely to pay")
+    # the pass/fail MiniGenEval (docs/results.md): no better where the variance is
+    hard = {"steps": [_step(1, 0.10, -0.09, 0.11), _step(2, 0.19, 0.12, 0.04), _step(3, 0.18, 0.26, 0.22),
+                      _step(4, 0.21, 0.27, 0.35), _step(5, 0.62, 0.51, 0.74)]}
+    assert verdict(hard).endswith("Flow-GRPO is the better pick here") and "better at 2" in verdict(hard)
+    # better where most variance is, worse elsewhere: a hint to raise T'
+    mixed = {"steps": [_step(1, 0.2, 0.1, 0.3), _step(2, 0.8, 0.8, 0.4)]}
+    assert "worse than the final reward at steps 1" in verdict(mixed) and "try more substeps" in verdict(mixed)
+    assert verdict({"steps": [{"step": 1, "trains": True, "share": 0.5}]}).startswith("no verdict")
+
+
+def test_the_figure_draws_the_measurement():
+    from sfgrpo_core.bench.signal import signal_figure
+
+    result = {"steps": [_step(1, 0.4, 0.6, 0.3), _step(2, 0.6, 0.7, 0.5)]}
+    pixels = signal_figure(result, size=(500, 300))
+    assert pixels.shape == (300, 500, 3) and pixels.dtype.name == "uint8" and pixels.std() > 10
