@@ -292,6 +292,9 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
     summary.update(catch_up(arms.get("stepwise"), arms.get("flow_grpo"), plan.iterations))
     summary["catch_up_by_arm"] = {arm: catch_up(data, arms.get("flow_grpo"), plan.iterations)
                                   for arm, data in arms.items() if arm != "flow_grpo"}
+    keys = ("heldout", "strict", *(("gold_heldout",) if plan.judged_by_gold else ()))
+    summary["paired_with_flow_grpo"] = {arm: {key: paired_differences(data, arms["flow_grpo"], key) for key in keys}
+                                        for arm, data in arms.items() if arm != "flow_grpo" and "flow_grpo" in arms}
     atomic_write_text(out / "paper.json", json.dumps(json_safe(summary), indent=1) + "\n")
     return summary
 
@@ -328,6 +331,27 @@ def catch_up(stepwise: dict[str, Any] | None, flow_grpo: dict[str, Any] | None, 
                 result["seconds_ratio_median"] = (int(iteration) * stepwise["seconds_per_iteration_median"]
                                                   / (budget * flow_grpo["seconds_per_iteration_median"]))
             break
+    return result
+
+
+def paired_differences(arm: dict[str, Any], flow_grpo: dict[str, Any], key: str) -> dict[str, Any]:
+    """Per evaluation point, ``arm`` minus Flow-GRPO seed by seed (same seed, same evaluation noise) on ``key``
+    (heldout, strict or gold_heldout): {iteration: {"seeds", "differences", "mean", "se"}} over the seeds both
+    evaluated there; se is the standard error of the mean difference (NaN with one seed)."""
+    result: dict[str, Any] = {}
+    for iteration, point in sorted(arm["curve"].items(), key=lambda item: int(item[0])):
+        other = flow_grpo["curve"].get(iteration)
+        if other is None or key not in point or key not in other:
+            continue
+        mine, theirs = dict(zip(point["seeds"], point[key], strict=True)), dict(zip(other["seeds"], other[key],
+                                                                                     strict=True))
+        seeds = sorted(set(mine) & set(theirs))
+        differences = [mine[seed] - theirs[seed] for seed in seeds]
+        if not differences:
+            continue
+        result[iteration] = {"seeds": seeds, "differences": differences, "mean": float(np.mean(differences)),
+                             "se": float(np.std(differences, ddof=1) / math.sqrt(len(differences)))
+                             if len(differences) > 1 else math.nan}
     return result
 
 

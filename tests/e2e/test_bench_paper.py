@@ -6,6 +6,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from sfgrpo_core.bench.paper import catch_up
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -89,6 +92,22 @@ def test_catch_up_finds_where_stepwise_reaches_flow_grpos_final_score():
                           [(0, [0.3, 0.3]), (25, [0.41, 0.42]), (50, [0.43, 0.42]), (100, [0.5, 0.5])]}}
     result = catch_up(one_seed, flow, 100)
     assert result["seeds"] == [1] and result["flow_grpo_final"] == 0.44 and result["iterations_ratio"] == 1.0
+
+
+def test_paired_differences_compare_each_seed_with_its_own_flow_grpo_run():
+    from sfgrpo_core.bench.paper import paired_differences
+
+    flow = {"curve": {"0": {"seeds": [0, 1, 2], "heldout": [0.3, 0.3, 0.3]},
+                      "50": {"seeds": [0, 1, 2], "heldout": [0.40, 0.50, 0.45]}}}
+    arm = {"curve": {"0": {"seeds": [0, 1], "heldout": [0.3, 0.3]},
+                     "50": {"seeds": [2, 0, 1], "heldout": [0.47, 0.44, 0.52]}}}
+    result = paired_differences(arm, flow, "heldout")
+    assert result["0"]["seeds"] == [0, 1] and result["0"]["mean"] == 0.0
+    assert result["50"]["seeds"] == [0, 1, 2]
+    assert result["50"]["differences"] == pytest.approx([0.04, 0.02, 0.02])
+    assert result["50"]["mean"] == pytest.approx(0.08 / 3)
+    assert result["50"]["se"] == pytest.approx(float(np.std([0.04, 0.02, 0.02], ddof=1)) / 3 ** 0.5)
+    assert paired_differences(arm, flow, "gold_heldout") == {}
 
 
 def test_combine_puts_the_main_run_on_top_and_keeps_every_run(tmp_path):
