@@ -2,6 +2,7 @@
 are the core's measurement of the same rollouts (the headless mini world, same seeds), with its verdict and plot."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -77,3 +78,38 @@ def test_the_node_refuses_a_size_that_is_not_a_multiple_of_16(engine):
                                                                                    "width": 60}}})
     errors = [data for event, data in server.messages if event == "execution_error"]
     assert errors and "width: 60 is not a multiple of 16" in errors[0]["exception_message"]
+
+
+def test_cancel_stops_the_measurement_at_its_next_step_and_removes_the_adapters(engine, monkeypatch):
+    """Cancel (ComfyUI's interrupt flag, as POST /interrupt sets it) raised during the first batch stops the node
+    at its next progress tick; the MODEL it measured keeps no LoRA adapter."""
+    import comfy.model_management
+    import comfy.utils
+
+    ticks = []
+    original = comfy.utils.ProgressBar.update
+
+    def update_then_cancel(self, value):
+        ticks.append(value)
+        original(self, value)
+        comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update", update_then_cancel)
+    models = []
+    real_build = sys.modules[engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOCreditSignal"].__module__].ComfyFlowModel
+
+    def keep_model(*args, **kwargs):
+        models.append(real_build(*args, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(sys.modules[engine.nodes.NODE_CLASS_MAPPINGS["SFGRPOCreditSignal"].__module__],
+                        "ComfyFlowModel", keep_model)
+    try:
+        server = engine.run(_graph(batches=3))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    kinds = [event for event, _ in server.messages]
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds, kinds
+    total = 3 * (1 + SETTINGS["steps"])  # progress_ticks(batches, steps, continuations)
+    assert 1 <= len(ticks) < total
+    assert models and not [name for name, _ in models[0].module.named_parameters() if "lora_" in name]
