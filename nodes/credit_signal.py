@@ -12,10 +12,10 @@ from comfy_api.latest import io, ui
 from ..sfgrpo_core.bench.signal import measure_session, progress_ticks, signal_figure, table, verdict
 from ..sfgrpo_core.config import config_from_dict
 from ..sfgrpo_core.training.metrics import json_safe
-from .comfy_model import ComfyFlowModel, patched_model_sampling, require_flow_patcher, trainable
+from .comfy_model import ComfyFlowModel, patched_model_sampling, trainable
 from .rewards import on_compute_device
-from .train import decode_autocast, runs_root
-from .types import CATEGORY, LoadedReward, Prompts, PromptSet, Reward, image_tensor
+from .train import check_inputs, decode_autocast, runs_root
+from .types import CATEGORY, Prompts, Reward, image_tensor
 from .widgets import config_input
 
 # (widget id, config section, config field, node default or None for the config's own default)
@@ -79,16 +79,7 @@ class SFGRPOCreditSignal(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        require_flow_patcher(model)
-        if vae is None:
-            raise ValueError("vae: no VAE connected; connect the VAE of the model")
-        for name, value in (("width", width), ("height", height)):
-            if value % 16:
-                raise ValueError(f"{name}: {value} is not a multiple of 16; use {value - value % 16 or 16}")
-        if not isinstance(prompts, PromptSet) or not prompts.texts:
-            raise ValueError("prompts: no prompts; connect a Prompts node with at least one prompt")
-        if not isinstance(reward, LoadedReward):
-            raise ValueError("reward: connect a Load Reward node")
+        check_inputs(model, vae, prompts, reward, width, height)
         flow = ComfyFlowModel(model, vae, prompts, width=width, height=height, default_prompts=prompts.texts,
                               decode_autocast=decode_autocast("auto", vae))
         data: dict = {"model": {"name": "comfyui", "device": str(flow.device)}, "credit": {"method": "stepwise"}}

@@ -86,6 +86,21 @@ TRAILING_SETTINGS = (
 )
 
 
+def check_inputs(model: Any, vae: Any, prompts: Any, reward: Any, width: int, height: int) -> None:
+    """What a node that rolls out a MODEL needs (Train LoRA, Credit Signal): a flow model, its VAE, prompts, a reward
+    and a size in multiples of 16; ValueError naming the input and the fix otherwise."""
+    require_flow_patcher(model)
+    if vae is None:
+        raise ValueError("vae: no VAE connected; connect the VAE of the model")
+    for name, value in (("width", width), ("height", height)):
+        if value % 16:
+            raise ValueError(f"{name}: {value} is not a multiple of 16; use {value - value % 16 or 16}")
+    if not isinstance(prompts, PromptSet) or not prompts.texts:
+        raise ValueError("prompts: no prompts; connect a Prompts node with at least one prompt")
+    if not isinstance(reward, LoadedReward):
+        raise ValueError("reward: connect a Load Reward node")
+
+
 def runs_root() -> Path:
     import folder_paths
 
@@ -268,16 +283,7 @@ class SFGRPOTrainLoRA(io.ComfyNode):
                 eval_prompts=None, **settings) -> io.NodeOutput:
         import comfy.sd
 
-        require_flow_patcher(model)
-        if vae is None:
-            raise ValueError("vae: no VAE connected; connect the VAE of the model being trained")
-        for name, value in (("width", width), ("height", height)):
-            if value % 16:
-                raise ValueError(f"{name}: {value} is not a multiple of 16; use {value - value % 16 or 16}")
-        if not isinstance(prompts, PromptSet) or not prompts.texts:
-            raise ValueError("prompts: no prompts; connect a Prompts node with at least one prompt")
-        if not isinstance(reward, LoadedReward):
-            raise ValueError("reward: connect a Load Reward node")
+        check_inputs(model, vae, prompts, reward, width, height)
         run_dir = run_folder(runs_root(), run_name, resume)
         shift = float(getattr(patched_model_sampling(model), "shift", 1.0))
         flow = ComfyFlowModel(model, vae, merge_prompts(prompts, eval_prompts), width=width, height=height,
