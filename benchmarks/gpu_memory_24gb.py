@@ -6,7 +6,7 @@ phase of one iteration of each method at 512 and 1024 px, on a GPU capped at 24 
 
 Everything is random-initialised at its published size (no weights can be downloaded): SD3.5 Medium's transformer
 (stabilityai/stable-diffusion-3.5-medium's config, 2.5B parameters), its VAE, CLIP-L, OpenCLIP-bigG and T5-XXL text
-encoders (bfloat16), and PickScore's CLIP-H (sfgrpo_core.bench.reward_models, real size). The compute and memory of a
+encoders (bfloat16), and PickScore's CLIP-H (tests/reward_stand_ins.py, real size). The compute and memory of a
 forward and backward pass do not depend on the weights' values. The tokenizers are character-level stand-ins
 (tests/tiny_models.py) padded to the real lengths (77 CLIP tokens, 256 T5 tokens).
 
@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * GIB / total))
         result["gpu"], result["gpu_memory_gib"] = torch.cuda.get_device_name(0), total / GIB
+    from reward_stand_ins import build_stand_in
+
     from sfgrpo_core import rewards
-    from sfgrpo_core.bench.reward_models import build_stand_in
 
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as folder:

@@ -71,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     from .bench.memory import add_arguments as add_memory_arguments
     from .bench.paper import add_arguments as add_paper_arguments
-    from .bench.rewards import add_arguments as add_rewards_arguments
     from .bench.signal import add_arguments as add_signal_arguments
     from .bench.speed import add_arguments as add_speed_arguments
 
@@ -82,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
         "speed", help="cost of a Stepwise iteration next to a Flow-GRPO one, by phase, and the loop's overhead"))
     add_memory_arguments(bench_commands.add_parser(
         "memory", help="peak memory of an iteration as groups grow, chunked and not"))
-    add_rewards_arguments(bench_commands.add_parser(
-        "rewards", help="milliseconds per image of each reward on this machine (model-backed ones on random-init "
-                        "models of their real size)"))
     add_signal_arguments(bench_commands.add_parser(
         "signal", help="how much per-step signal the step rewards carry: each step's share of a group's reward "
                        "spread, and whether the intermediate estimates' rewards behave like a value estimate"))
@@ -302,7 +298,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bench paper": _lazy(".bench.paper", "run_from_args"),
     "bench speed": _lazy(".bench.speed", "run_from_args"),
     "bench memory": _lazy(".bench.memory", "run_from_args"),
-    "bench rewards": _lazy(".bench.rewards", "run_from_args"),
     "bench signal": _lazy(".bench.signal", "run_from_args"),
 }
 """Each command's handler: args -> exit status (0 done, 1 failed, 2 bad input)."""

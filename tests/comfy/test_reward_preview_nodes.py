@@ -240,9 +240,9 @@ def test_reward_weights_come_from_the_rewards_models_folder(engine, tmp_path, mo
     import shutil
 
     import folder_paths
+    from reward_stand_ins import build_stand_in
 
     from sfgrpo_core import rewards
-    from sfgrpo_core.bench.reward_models import build_stand_in
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub: weights come from the folder or not at all
     stand_in = build_stand_in("pickscore", tmp_path / "stand_in")

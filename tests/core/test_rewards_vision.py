@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reward_stand_ins import build_stand_in, imagereward_hf_home
 
 from sfgrpo_core import rewards
-from sfgrpo_core.bench.reward_models import build_stand_in, imagereward_hf_home
 from sfgrpo_core.rewards import MissingExtraError
 from sfgrpo_core.rewards.vision import OPENAI_MEAN, OPENAI_STD, AestheticHead
 
@@ -273,7 +273,7 @@ IMAGEREWARD_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     import ImageReward, timm
     from sfgrpo_core import rewards
-    from sfgrpo_core.bench.reward_models import build_stand_in
+    from reward_stand_ins import build_stand_in
     from sfgrpo_core.rewards.builtin import to_pil_images
 
     folder = Path(sys.argv[1])
@@ -306,7 +306,7 @@ def test_imagereward_with_the_real_package(tmp_path):
     script = tmp_path / "imagereward_check.py"
     script.write_text(IMAGEREWARD_SCRIPT)
     folder = tmp_path / "imagereward"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(IMAGEREWARD_SITE), str(ROOT)]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(IMAGEREWARD_SITE), str(ROOT), str(ROOT / "tests")]),
            "HF_HOME": str(imagereward_hf_home(folder)), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(script), str(folder)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)

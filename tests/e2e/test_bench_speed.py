@@ -55,7 +55,7 @@ def test_memory_benchmark_measures_each_point_in_a_fresh_process(tmp_path):
 
 def test_bench_rewards_times_each_reward_and_reports_what_it_cannot(tmp_path):
     out = tmp_path / "rewards.json"
-    result = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", "bench", "rewards", "--rewards",
+    result = subprocess.run([sys.executable, "benchmarks/reward_speed.py", "--rewards",
                              "jpeg_compressibility,mini_geneval,ocr,imagereward", "--size", "64", "--batch", "2",
                              "--repeats", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                             timeout=600)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..rewards import require
+from sfgrpo_core.rewards import require
 
 NAMES = ("pickscore", "clip", "aesthetic", "hps", "imagereward")
 SIZES = ("tiny", "real")
@@ -189,7 +189,7 @@ def _clip(folder: Path, size: str) -> dict[str, str]:
 def _aesthetic(folder: Path, size: str) -> dict[str, str]:
     """openai/clip-vit-large-patch14's layout plus the head as ``sac+logos+ava1-l14-linearMSE.pth`` (a torch-saved
     state dict of tensors with the real file's key names, readable with weights_only=True)."""
-    from ..rewards.vision import AESTHETIC_HEAD_FILE, AestheticHead
+    from sfgrpo_core.rewards.vision import AESTHETIC_HEAD_FILE, AestheticHead
 
     sizes = _clip_sizes(size, "vit-l-14")
     processor = write_clip_processor(folder / "model", size, sizes["image"])
@@ -205,7 +205,7 @@ def _aesthetic(folder: Path, size: str) -> dict[str, str]:
 def _hps(folder: Path, size: str) -> dict[str, str]:
     """An open_clip CLIP (ViT-H-14 for "real", a tiny custom config for "tiny", written as an open_clip model config
     JSON) saved like HPS_v2.1_compressed.pt: ``torch.save({"state_dict": model.state_dict()})`` in a folder."""
-    from ..rewards.vision import HPS_ARCH, HPS_V21_FILE, open_clip_arch
+    from sfgrpo_core.rewards.vision import HPS_ARCH, HPS_V21_FILE, open_clip_arch
 
     open_clip = require("open_clip", "hps", "the HPS stand-in")
     options: dict[str, str] = {}
@@ -268,7 +268,7 @@ def write_bert_tokenizer_cache(hf_home: Path, size: str) -> None:
 def _imagereward(folder: Path, size: str) -> dict[str, str]:
     """The layout of the hub repo THUDM/ImageReward: a folder with ImageReward.pt (a torch-saved state dict of the
     package's ImageReward model) and med_config.json."""
-    from ..rewards.vision import IMAGEREWARD_FILE, IMAGEREWARD_MED_CONFIG, import_imagereward
+    from sfgrpo_core.rewards.vision import IMAGEREWARD_FILE, IMAGEREWARD_MED_CONFIG, import_imagereward
 
     hf_home = imagereward_hf_home(folder).resolve()
     if Path(os.environ.get("HF_HOME", "")).expanduser().resolve() != hf_home or not _offline_env():

@@ -1,9 +1,11 @@
-"""`sfgrpo bench rewards`: milliseconds per image of every shipped reward on this machine.
+"""Milliseconds per image of every shipped reward on this machine.
+
+    python benchmarks/reward_speed.py [--rewards pickscore,ocr,...] [--size 512] [--batch 8] [--out FILE.json]
 
 Model-backed rewards (PickScore, CLIPScore, aesthetic, HPSv2.1, ImageReward) are timed on random-initialised models
-of their real architecture and size (``reward_models.build_stand_in(size="real")``): no weights can be downloaded
-here, and the compute of a forward pass does not depend on the weights' values. Each reward scores the same images
-(a rendered text line on a plain background, as an OCR prompt asks for, at ``--size`` px) in batches of
+of their real architecture and size (tests/reward_stand_ins.py, ``build_stand_in(size="real")``): no weights can be
+downloaded here, and the compute of a forward pass does not depend on the weights' values. Each reward scores the
+same images (a rendered text line on a plain background, as an OCR prompt asks for, at ``--size`` px) in batches of
 ``--batch``; the fastest of ``--repeats`` timed calls after one warm-up call is reported. No timing is asserted.
 """
 
@@ -11,15 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+ROOT = Path(__file__).resolve().parents[1]
+for entry in (ROOT, ROOT / "tests"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
 
-from .. import rewards
-from ..atomic import atomic_write_text
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from sfgrpo_core import rewards  # noqa: E402
+from sfgrpo_core.atomic import atomic_write_text  # noqa: E402
 
 TEXT = "OPEN 24 HOURS"
 PROMPT = f'a shop window with a neon sign that says "{TEXT}"'
@@ -53,7 +61,7 @@ def time_reward(reward: rewards.Reward, images: list[Image.Image], prompts: list
 
 def measure(names: list[str], size: int, batch: int, repeats: int) -> list[dict[str, Any]]:
     """One record per reward: ms per image, or why it could not be timed here."""
-    from .reward_models import build_stand_in
+    from reward_stand_ins import build_stand_in
 
     results = []
     for name in names:
@@ -88,16 +96,26 @@ def run_from_args(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.rewards.split(",") if name.strip()]
     unknown = [name for name in names if name not in rewards.available()]
     if unknown:
-        print(f"sfgrpo bench rewards: --rewards: unknown {', '.join(unknown)}; choose from "
+        print(f"reward_speed.py: --rewards: unknown {', '.join(unknown)}; choose from "
               f"{', '.join(rewards.available())}")
         return 2
     if args.size < 16 or args.batch < 1 or args.repeats < 1:
-        print("sfgrpo bench rewards: --size must be >= 16, --batch and --repeats >= 1")
+        print("reward_speed.py: --size must be >= 16, --batch and --repeats >= 1")
         return 2
     results = measure(names, args.size, args.batch, args.repeats)
     if args.out:
-        document = {"command": "sfgrpo bench rewards " + " ".join(
+        document = {"command": "python benchmarks/reward_speed.py " + " ".join(
             f"--{key} {value}" for key, value in vars(args).items() if key in ("rewards", "size", "batch", "repeats")),
             "torch_threads": torch.get_num_threads(), "results": results}
         atomic_write_text(Path(args.out), json.dumps(document, indent=2) + "\n")
     return 0 if all("ms_per_image" in record for record in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
