@@ -257,7 +257,7 @@ def test_every_example_has_a_thumbnail_the_template_browser_gets(comfy_server):
 def test_every_node_has_a_help_page_the_server_serves(comfy_server):
     object_info = _get_json(comfy_server, "/object_info")
     ours = sorted(name for name in object_info if name.startswith("SFGRPO"))
-    assert len(ours) == 8
+    assert len(ours) == 9
     for node_id in ours:
         with urllib.request.urlopen(f"{comfy_server.url}/extensions/sfgrpo/docs/{node_id}.md", timeout=30) as page:
             assert page.read().decode().startswith("# ")
