@@ -84,8 +84,11 @@ def test_two_sharded_processes_train_the_same_lora_and_resume_from_whole_checkpo
 
 
 def test_fsdp_shards_the_mini_worlds_transformer_block_by_block_and_trains_the_same_lora(tmp_path):
-    """The SD3 transformer of the mini world, each block sharded on its own, two processes over gloo: the LoRA of one
-    process (AdamW divides by the gradients' own size, so their summation order shows: 8e-5 measured, 1e-3 allowed)."""
+    """The SD3 transformer of the mini world, each block sharded on its own, two processes over gloo: the gradients
+    of one process (their norms to 1e-4 at every iteration) and its LoRA. AdamW divides by the gradients' own size,
+    so its first step is lr x sign(g): an element whose gradient is rounding noise takes a whole +-lr step either
+    way, as the summation order falls. The LoRA's difference is usually ~8e-5 of its norm, once 2.4e-2 in one small
+    matrix (block 0's add_k_proj lora_A) of a CI run; a sharding error moves every matrix and every gradient norm."""
     args = ["train", "configs/miniworld.yaml", "--train.groups_per_iteration", "2", "--train.group_size", "4",
             "--train.eval_every", "0", "--train.iterations", "2", "--train.checkpoint_every", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -99,10 +102,11 @@ def test_fsdp_shards_the_mini_worlds_transformer_block_by_block_and_trains_the_s
     assert "FSDP shards the model over the 2 processes: 4 transformer blocks one by one" in sharded.stderr
     expected, got = load_file(one / "lora.safetensors"), load_file(two / "lora.safetensors")
     assert expected.keys() == got.keys() and sum(float(t.norm()) for k, t in expected.items() if "lora_B" in k) > 0
-    for key in expected:
-        relative = float((expected[key] - got[key]).norm() / expected[key].norm().clamp_min(1e-12))
-        assert relative <= 1e-3, (key, relative)
     assert [r["grad_norm"] for r in _records(one)] == pytest.approx([r["grad_norm"] for r in _records(two)], rel=1e-4)
+    differences = {key: float((expected[key] - got[key]).norm() / expected[key].norm().clamp_min(1e-12))
+                   for key in expected}
+    assert max(differences.values()) <= 5e-2, max(differences.items(), key=lambda item: item[1])
+    assert sorted(differences.values())[len(differences) // 2] <= 1e-3, differences  # the typical matrix
 
 
 def test_accelerate_launch_with_the_shipped_fsdp_config_shards(toy_base_path, tmp_path):
