@@ -22,7 +22,7 @@ from comfy_api.latest import io, ui
 from ..sfgrpo_core import rewards
 from ..sfgrpo_core.finite_json import NonFiniteJSONError, loads_finite
 from ..sfgrpo_core.images import to_uint8
-from ..sfgrpo_core.rewards.folders import WEIGHTS, listed, weights_help, weights_options
+from ..sfgrpo_core.rewards.folders import WEIGHTS, listed, mix_weights_options, weights_help, weights_options
 from .prompts import prompt_lines
 from .types import CATEGORY as PACK_CATEGORY
 from .types import LoadedReward, Reward
@@ -81,6 +81,7 @@ def load_reward(name: str, options: str, weights: str = AUTO_WEIGHTS) -> LoadedR
         raise ValueError(f"weights: reward {name!r} reads no weights from a rewards folder; choose {AUTO_WEIGHTS!r}")
     folders = reward_folders()
     parsed = {**weights_options(name, folders, chosen=None if weights == AUTO_WEIGHTS else weights), **parsed}
+    parsed = mix_weights_options(name, parsed, folders)
     options_json = json.dumps(parsed, sort_keys=True)
     # The factory too: a reward registered again under the same name (a plug-in reloaded) is built anew.
     key = (name, options_json, id(rewards.factory(name)))

@@ -74,6 +74,9 @@ ARMS: dict[str, Arm] = {
                        "Stepwise with a smaller step (lr 3e-4, Flow-GRPO's default; the recipes use 1e-3)"),
     "stepwise_cosine": Arm(STEPWISE_CONFIG, COSINE_LR,
                            "Stepwise with lr 1e-3 decayed along a half cosine to 1e-4 at the plan's last iteration"),
+    "flow_grpo_cosine": Arm(FLOW_GRPO_CONFIG, COSINE_LR,
+                            "Flow-GRPO as published with stepwise_cosine's lr decay (equal tuning: the one setting "
+                            "the Stepwise recipe has that Flow-GRPO's lacks)"),
     "stepwise_cosine_hold": Arm(STEPWISE_CONFIG, {**COSINE_LR, "optim.lr_decay_iterations": PAPER_ITERATIONS},
                                 "configs/miniworld.yaml as shipped: stepwise_cosine's 150-iteration decay, then "
                                 "held at 1e-4 (with --iterations 300: the recipe over twice the benchmark's budget)"),

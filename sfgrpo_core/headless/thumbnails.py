@@ -5,7 +5,8 @@ graph really produces.
 
 Starts a ComfyUI with this pack, runs each example that finishes in seconds (sde_vs_euler, tweedie_preview,
 score_images, sample_with_lora) through the HTTP API and tiles its output images; train_lora (minutes) runs with 2
-iterations and shows its reward curve beside its before/after images. The frontend asks for
+iterations and shows its reward curve beside its before/after images. The templates for real models (SD3.5, FLUX),
+whose weights are not here, get a card with the model, the reward and the files they need. The frontend asks for
 ``/api/workflow_templates/sfgrpo/<name>.jpg``, which ComfyUI serves from the folder of the templates.
 """
 
@@ -47,12 +48,46 @@ def tile(images: Sequence[Path], size: int = SIZE) -> Any:
     return canvas
 
 
+# Templates whose models cannot be had here: name -> (title, subtitle, the files they need).
+MODEL_TEMPLATES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "train_lora_sd35_pickscore": ("SD3.5 Medium", "Stepwise-Flow-GRPO LoRA, PickScore",
+                                  ("checkpoints/sd3.5_medium", "text_encoders/clip_l, clip_g, t5xxl",
+                                   "rewards/PickScore_v1")),
+    "train_lora_flux_ocr": ("FLUX.1-dev", "Stepwise-Flow-GRPO LoRA, OCR + PickScore",
+                            ("diffusion_models/flux1-dev", "text_encoders/clip_l, t5xxl", "vae/ae",
+                             "rewards/PickScore_v1")),
+}
+
+
+def card(title: str, subtitle: str, files: Sequence[str], size: int = SIZE) -> Any:
+    """A ``size`` x ``size`` card: the model's name, what the graph trains, and the files it needs."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (size, size), (32, 32, 32))
+    draw = ImageDraw.Draw(canvas)
+    for row in range(size):  # a dark blue-to-violet band behind the title
+        if row < size * 0.45:
+            draw.line([(0, row), (size, row)], fill=(40 + row // 4, 48, 96 + row // 3))
+    big, small = ImageFont.load_default(size=34), ImageFont.load_default(size=15)
+    draw.text((size // 2, int(size * 0.2)), title, font=big, fill=(240, 240, 240), anchor="mm")
+    draw.text((size // 2, int(size * 0.34)), subtitle, font=small, fill=(220, 220, 235), anchor="mm")
+    draw.text((16, int(size * 0.52)), "models/", font=small, fill=(200, 200, 200))
+    for index, line in enumerate(files):
+        draw.text((28, int(size * 0.52) + 24 * (index + 1)), line, font=small, fill=(170, 200, 170))
+    return canvas
+
+
 def make_thumbnails(out: Path = WORKFLOWS) -> list[Path]:
     """Run every example graph and write ``out/<name>.jpg``; returns the files written."""
     written = []
     with tempfile.TemporaryDirectory() as scratch, ComfyServer(Path(scratch) / "comfyui") as server:
         for api_file in sorted((WORKFLOWS / "api").glob("*.json")):
             name = api_file.stem
+            if name in MODEL_TEMPLATES:
+                path = out / f"{name}.jpg"
+                card(*MODEL_TEMPLATES[name]).save(path, quality=88)
+                written.append(path)
+                continue
             overrides = TRAIN_QUICK if name == "train_lora" else ()
             result = run_workflow(api_file, server_url=server.url, overrides=overrides,
                                   out_dir=Path(scratch) / name, on_event=lambda line: None)

@@ -8,8 +8,9 @@ loads from there without a hub. What each reward looks for is ``WEIGHTS``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .vision import AESTHETIC_HEAD_FILE, HPS_V21_FILE
 
@@ -24,6 +25,8 @@ WEIGHTS: dict[str, dict[str, tuple[str, ...]]] = {
     "hps": {"model": ("HPSv2", HPS_V21_FILE)},
     "imagereward": {"model": ("ImageReward",)},
 }
+# Registered mixes whose components read weights (their options nest under the component's name).
+MIX_COMPONENTS: dict[str, tuple[str, ...]] = {"ocr_pickscore": ("pickscore",)}
 WHAT = {
     "PickScore_v1": "a folder: the hub repo yuvalkirstain/PickScore_v1",
     "CLIP-ViT-H-14-laion2B-s32B-b79K": "a folder: the hub repo laion/CLIP-ViT-H-14-laion2B-s32B-b79K (its processor)",
@@ -71,11 +74,43 @@ def weights_options(reward: str, folders: Sequence[Path], *, chosen: str | None 
     return options
 
 
+def mix_components(reward: str, options: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """The components of a mix that may read weights, and the option their own options nest under (None: at the
+    top level, as ocr_pickscore's ``pickscore``; "options" for ``weighted``)."""
+    if reward == "weighted":
+        components = options.get("components")
+        return (list(components) if isinstance(components, Mapping) else []), "options"
+    return list(MIX_COMPONENTS.get(reward, ())), None
+
+
+def mix_weights_options(reward: str, options: Mapping[str, Any], folders: Sequence[Path]) -> dict[str, Any]:
+    """``options`` of a mix of rewards (``weighted``, ``ocr_pickscore``) with each component's weights from
+    ``folders`` filled in where ``options`` does not name them: ocr_pickscore's PickScore reads the folders as
+    pickscore alone does. Another reward's options come back unchanged (a malformed mix too: the reward says
+    what is wrong with it)."""
+    names, nested_key = mix_components(reward, options)
+    filled = dict(options)
+    raw = filled.get(nested_key) if nested_key else filled
+    if raw is not None and not isinstance(raw, Mapping):
+        return filled
+    nested = dict(raw or {})
+    for name in names:
+        given = nested.get(name) or {}
+        found = weights_options(name, folders) if name in WEIGHTS else {}
+        if found and isinstance(given, Mapping):
+            nested[name] = {**found, **given}
+    if nested_key is None:
+        return nested
+    if nested:
+        filled[nested_key] = nested
+    return filled
+
+
 def weights_help(reward: str, folders: Sequence[Path]) -> str:
     """What ``reward`` looks for in a rewards folder, and which folders those are."""
     wanted = WEIGHTS.get(reward)
     if not wanted:
-        return ""
+        return " ".join(filter(None, (weights_help(name, folders) for name in MIX_COMPONENTS.get(reward, ()))))
     parts = [" or ".join(repr(name) for name in names) + (f" ({WHAT[names[0]]})" if names[0] in WHAT else "")
              for names in wanted.values()]
     return f"Put {' and '.join(parts)} in {_folders_text(folders)}."

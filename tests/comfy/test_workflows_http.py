@@ -60,7 +60,8 @@ def training_run(comfy_server, tmp_path_factory, training_events):
 
 def test_every_example_workflow_is_tested_here():
     assert sorted(path.stem for path in API_WORKFLOWS.glob("*.json")) == [
-        "sample_with_lora", "score_images", "sde_vs_euler", "train_lora", "tweedie_preview"]
+        "sample_with_lora", "score_images", "sde_vs_euler", "train_lora", "train_lora_flux_ocr",
+        "train_lora_sd35_pickscore", "tweedie_preview"]  # the last two: test_templates_real_models.py
 
 
 def test_sde_vs_euler_samples_with_ksampler_names_and_sampler_custom_advanced(euler_run):

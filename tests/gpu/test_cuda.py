@@ -76,3 +76,32 @@ def test_step_noise_is_drawn_on_the_gpu_per_member_and_reproducibly():
     alone = member_noise(member_generators(seeds[2:3], "cuda"), like[:1])  # a member's noise ignores the others
     assert noise.device.type == "cuda" and torch.equal(noise, again) and torch.equal(noise[2:3], alone)
     _report("step noise on cuda", std=float(noise.std()))
+
+
+@pytest.mark.parametrize("name", ["train_lora_sd35_pickscore", "train_lora_flux_ocr"])
+def test_the_real_model_templates_run_as_shipped_with_t5_xxl(tmp_path, name):
+    """The SD3.5 and FLUX templates with their own text-encoder loaders (T5-XXL at its size, random weights: the CPU
+    test swaps it for CLIP alone), at their 512 px, one iteration of a group of 2."""
+    import shutil
+
+    from reward_stand_ins import build_stand_in
+    from template_models import write_flux_files, write_sd35_files
+
+    from sfgrpo_core.headless.runner import run_workflow
+    from sfgrpo_core.headless.server import ComfyServer, ensure_comfyui
+
+    models = tmp_path / "models"
+    extra = {kind: [models / kind] for kind in ("checkpoints", "text_encoders", "diffusion_models", "vae", "rewards")}
+    (write_sd35_files if "sd35" in name else write_flux_files)(models, t5=True)
+    stand_in = build_stand_in("pickscore", tmp_path / "stand_in")
+    shutil.copytree(stand_in["model"], models / "rewards" / "PickScore_v1")
+    shutil.copytree(stand_in["processor"], models / "rewards" / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    quick = [f"Train LoRA.{key}={value}" for key, value in dict(
+        iterations=1, group_size=2, groups_per_iteration=1, eval_samples=1, eval_every=1, checkpoint_every=1).items()]
+    with ComfyServer(tmp_path / "comfy", comfyui=ensure_comfyui(install_requirements=True), cpu=False,
+                     extra_model_paths=extra) as server:
+        result = run_workflow(ROOT / "workflows" / "api" / f"{name}.json", server_url=server.url, overrides=quick,
+                              out_dir=tmp_path / "out")
+        assert result.status == "success", (name, server.log_tail())
+        assert list((server.models_dir / "loras" / "sfgrpo").glob("*.safetensors")), server.log_tail()
+    _report("template", name=name, files=len(result.files))
