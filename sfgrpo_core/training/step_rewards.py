@@ -33,8 +33,18 @@ def score_in_batches(model: VelocityModel, reward: rewards.Reward, samples: torc
                      batch_size: int) -> rewards.Scores:
     """Decode clean samples exactly as final images are decoded, and score them, ``batch_size`` at a time: [n]
     scores (and each component's [n] scores for a reward made of several)."""
-    parts = [rewards.score(reward, model.decode(samples[start : start + batch_size]),
-                           prompts[start : start + batch_size])
+    return score_decoded(reward, decode_in_batches(model, samples, batch_size), prompts, batch_size)
+
+
+def decode_in_batches(model: VelocityModel, samples: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The images of clean ``samples``, decoded ``batch_size`` at a time (once, for every reward that scores them)."""
+    return torch.cat([model.decode(samples[start : start + batch_size])
+                      for start in range(0, samples.shape[0], batch_size)])
+
+
+def score_decoded(reward: rewards.Reward, images: torch.Tensor, prompts: list[str], batch_size: int) -> rewards.Scores:
+    """Scores of decoded ``images``, ``batch_size`` at a time: [n] values, and each component's [n] for a mix."""
+    parts = [rewards.score(reward, images[start : start + batch_size], prompts[start : start + batch_size])
              for start in range(0, len(prompts), batch_size)]
     names = sorted({name for part in parts for name in part.components})
     def component(name: str) -> torch.Tensor:  # NaN in a batch whose items all failed that component

@@ -32,7 +32,7 @@ from .figures import reward_curve_figure, save_png
 from .lr_schedule import LR_SCHEDULES
 from .metrics import CallCounter, MetricsLog
 from .rollout import Rollout, StepCallback, choose_prompts, independent_noise, make_prompt_batch, rollout
-from .step_rewards import BatchSizes, score_in_batches
+from .step_rewards import BatchSizes, decode_in_batches, score_decoded
 from .trackers import Trackers
 from .update import UpdateStats, update_policy
 
@@ -256,14 +256,15 @@ def evaluate(session: Session, judges: dict[str, rewards.Reward] | None = None, 
     mine = batch.rows(rows.start, rows.stop)
     samples = rollout(session.model, mine, sigmas, get_step_function("ode", 0.0),
                       chunk_size=config.train.sample_batch_size).final
-    scores = score_in_batches(session.model, session.reward, samples, list(mine.prompts),
-                              config.train.reward_batch_size)
-    judged = {name: score_in_batches(session.model, judge, samples, list(mine.prompts),
-                                     config.train.reward_batch_size).values for name, judge in (judges or {}).items()}
+    batch_size = config.train.reward_batch_size
+    images = decode_in_batches(session.model, samples, batch_size)  # once for the reward, the judges, the preview
+    scores = score_decoded(session.reward, images, list(mine.prompts), batch_size)
+    judged = {name: score_decoded(judge, images, list(mine.prompts), batch_size).values
+              for name, judge in (judges or {}).items()}
     if rows.stop - rows.start < count:
         scores = gather_scores(team, scores)
         judged = {name: team.gather_rows(values) for name, values in judged.items()}
-    shown = session.model.decode(samples[:preview]) if preview else None
+    shown = images[:preview] if preview else None
     return Evaluation(scores=scores.values, prompts=list(batch.prompts), components=scores.components, judged=judged,
                       preview=shown)
 
