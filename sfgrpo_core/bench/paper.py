@@ -195,7 +195,7 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
         result = evaluate(session, judges)
         gold = result.judged.get("gold", result.scores)
         record = {
-            "iteration": iteration, **_mean_and_se(result.scores, "heldout"),
+            "iteration": iteration, **_mean_and_se(result.scores, "heldout"), **_counts(result.scores),
             # strict accuracy and categories are MiniGenEval's, whichever reward trained (GenEval after PickScore
             # training, as the paper reports it)
             "strict": _strict(gold), "per_category": category_means(gold, result.prompts),
@@ -211,14 +211,16 @@ def evaluate_run(config: Config, plan: Plan, run_dir: Path) -> list[dict[str, An
 
 
 def _mean_and_se(scores: torch.Tensor, key: str) -> dict[str, Any]:
-    """{key: mean, key_se: its standard error} over the finite scores; with ``heldout`` also the counts."""
-    values = scores.numpy().astype(np.float64)
-    finite = values[np.isfinite(values)]
-    result = {key: float(finite.mean()) if finite.size else math.nan,
-              f"{key}_se": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else math.nan}
-    if key == "heldout":
-        result.update(samples=int(finite.size), missing=int(values.size - finite.size))
-    return result
+    """{key: mean, key_se: its standard error} over the finite scores."""
+    finite = scores[torch.isfinite(scores)].double().numpy()
+    return {key: float(finite.mean()) if finite.size else math.nan,
+            f"{key}_se": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else math.nan}
+
+
+def _counts(scores: torch.Tensor) -> dict[str, int]:
+    """How many samples were scored, and how many the reward could not score (missing, never 0)."""
+    finite = int(torch.isfinite(scores).sum())
+    return {"samples": finite, "missing": int(scores.numel()) - finite}
 
 
 def _strict(scores: torch.Tensor) -> float:

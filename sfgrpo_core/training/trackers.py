@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,21 +29,24 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def leaves(tree: Mapping[str, Any], separator: str, *, lists: bool, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, value) for every leaf of nested mappings, names joined by ``separator``; with ``lists`` a list's
+    items are leaves too (``a/3``), otherwise a list is one leaf."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if lists and isinstance(value, list | tuple):
+            value = {str(index): item for index, item in enumerate(value)}
+        if isinstance(value, Mapping):
+            yield from leaves(value, separator, lists=lists, prefix=f"{name}{separator}")
+        else:
+            yield name, value
+
+
+def flatten(record: Mapping[str, Any]) -> dict[str, float]:
     """The numeric fields of a metrics record as name -> float: nested mappings and lists become ``a/b`` and
     ``a/3``; None, text and non-finite values are left out (a tracker's scalar must be a finite number)."""
-    scalars: dict[str, float] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            scalars.update(flatten(value, f"{name}/"))
-        elif isinstance(value, list | tuple):
-            scalars.update(flatten({str(index): item for index, item in enumerate(value)}, f"{name}/"))
-        elif isinstance(value, bool):
-            scalars[name] = float(value)
-        elif isinstance(value, int | float) and math.isfinite(value):
-            scalars[name] = float(value)
-    return scalars
+    return {name: float(value) for name, value in leaves(record, "/", lists=True)
+            if isinstance(value, bool) or (isinstance(value, int | float) and math.isfinite(value))}
 
 
 def _require(module: str, tracker: str) -> Any:
@@ -109,16 +112,10 @@ class WandbTracker:
         self.run.finish()
 
 
-def flatten_text(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_text(config: Mapping[str, Any]) -> dict[str, Any]:
     """A nested config as ``section.field`` -> a number, bool or text (what a hyperparameter table holds)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_text(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
-    return flat
+    return {name: value if isinstance(value, bool | int | float | str) else str(value)
+            for name, value in leaves(config, ".", lists=False)}
 
 
 TRACKERS: dict[str, Callable[[Path, str], Tracker]] = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
