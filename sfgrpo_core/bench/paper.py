@@ -95,6 +95,9 @@ ARMS: dict[str, Arm] = {
                             "stepwise_cosine with groups of 24 (the paper's size), 2 groups: the same 48 samples"),
 }
 MAIN_ARMS = ("flow_grpo", "stepwise")
+# Each Stepwise arm whose recipe differs from Flow-GRPO's by more than the method, and the Flow-GRPO arm with the
+# same difference: equal tuning compares these two as well.
+COUNTERPARTS = {"stepwise_cosine": "flow_grpo_cosine"}
 GOLD_REWARD = "mini_geneval"  # the judge every run is evaluated with (GenEval's place in the paper)
 
 
@@ -300,6 +303,10 @@ def summarize(plan: Plan, out: Path, command: str, device: str = "cpu") -> dict[
     keys = ("heldout", "strict", *(("gold_heldout",) if plan.judged_by_gold else ()))
     summary["paired_with_flow_grpo"] = {arm: {key: paired_differences(data, arms["flow_grpo"], key) for key in keys}
                                         for arm, data in arms.items() if arm != "flow_grpo" and "flow_grpo" in arms}
+    # Equal tuning: a Stepwise arm against the Flow-GRPO arm given the same change (the lr decay).
+    summary["equal_tuning"] = {arm: {"flow_grpo_arm": other, **catch_up(arms[arm], arms[other], plan.iterations),
+                                     "paired": {key: paired_differences(arms[arm], arms[other], key) for key in keys}}
+                               for arm, other in COUNTERPARTS.items() if arm in arms and other in arms}
     atomic_write_text(out / "paper.json", json.dumps(json_safe(summary), indent=1) + "\n")
     return summary
 

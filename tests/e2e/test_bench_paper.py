@@ -137,3 +137,22 @@ def test_every_arm_is_a_valid_training_config_and_dense_is_densegrpos_credit(tmp
     assert (stepwise.credit.completion, stepwise.credit.normalization) == ("uniform", "joint")
     assert dense.replace(**{"credit.completion": "uniform", "credit.normalization": "joint",
                             "train.output_dir": stepwise.train.output_dir}) == stepwise
+
+
+def test_equal_tuning_pairs_each_stepwise_arm_with_its_flow_grpo_counterpart(tmp_path):
+    """stepwise_cosine is compared with flow_grpo_cosine (both given the lr decay) as well as with flow_grpo. Here
+    the two arms' records are copies of one quick run each, so Stepwise's paired differences are its own."""
+    import shutil
+
+    out = tmp_path / "paper"
+    assert _bench(out, "--reward", "mini_pickscore").returncode == 0
+    for arm, copy in (("flow_grpo", "flow_grpo_cosine"), ("stepwise", "stepwise_cosine")):
+        shutil.copytree(out / "runs" / arm, out / "runs" / copy)
+    summarized = _bench(out, "--reward", "mini_pickscore", "--summary-only")
+    assert summarized.returncode == 0, summarized.stderr[-3000:]
+    summary = json.loads((out / "paper.json").read_text())
+    equal = summary["equal_tuning"]["stepwise_cosine"]
+    assert equal["flow_grpo_arm"] == "flow_grpo_cosine"
+    assert equal["paired"]["heldout"] == summary["paired_with_flow_grpo"]["stepwise"]["heldout"]
+    assert set(equal["paired"]) == {"heldout", "strict", "gold_heldout"}
+    assert {"iterations_ratio", "seconds_ratio"} <= set(equal)
