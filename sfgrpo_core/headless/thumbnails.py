@@ -26,6 +26,8 @@ WORKFLOWS = shipped_dir("workflows")
 SIZE = 320
 # Quick settings for train_lora's thumbnail run (node 12 is Train LoRA in workflows/api/train_lora.json).
 TRAIN_QUICK = ("12.iterations=2", "12.eval_every=1", "12.eval_samples=1", "12.checkpoint_every=1")
+# credit_signal's nodes (8: MiniGenEval, 9: mini_pickscore) at a size of minutes, not the example's quarter hour.
+SIGNAL_QUICK = tuple(f"{node}.{key}={value}" for node in (8, 9) for key, value in (("batches", 1), ("groups", 2)))
 
 
 def tile(images: Sequence[Path], size: int = SIZE) -> Any:
@@ -88,7 +90,7 @@ def make_thumbnails(out: Path = WORKFLOWS) -> list[Path]:
                 card(*MODEL_TEMPLATES[name]).save(path, quality=88)
                 written.append(path)
                 continue
-            overrides = TRAIN_QUICK if name == "train_lora" else ()
+            overrides = {"train_lora": TRAIN_QUICK, "credit_signal": SIGNAL_QUICK}.get(name, ())
             result = run_workflow(api_file, server_url=server.url, overrides=overrides,
                                   out_dir=Path(scratch) / name, on_event=lambda line: None)
             images = sorted(path for path in result.files if path.suffix == ".png")

@@ -65,6 +65,7 @@ IMAGE_PREVIEW_ROOM = 300
 ROOM_AFTER_RUN = {"SaveImage": IMAGE_PREVIEW_ROOM, "PreviewImage": IMAGE_PREVIEW_ROOM,
                   "SFGRPOTweediePreview": IMAGE_PREVIEW_ROOM,  # its per-step reward curves (ui images)
                   "SFGRPOScore": 190,  # the scores' text box (web/js/sfgrpo_training_view.js)
+                  "SFGRPOCreditSignal": 260,  # the verdict and its table, in the same text box
                   "SFGRPOTrainLoRA": 460}  # the training view (chart and estimate strip) and the summary text
 # The note api_to_ui can put at the top of the first column: the frontend's MarkdownNote (not sent to the server).
 NOTE_TYPE, NOTE_CHARS_PER_LINE, NOTE_LINE_HEIGHT = "MarkdownNote", 52, 20

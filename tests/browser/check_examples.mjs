@@ -19,6 +19,8 @@ import { launchChromium, openComfyPage } from "./comfy_page.mjs";
 // Train LoRA at test size (the widget names of nodes/train.py) and the caption lists at one per category.
 const ONE_ITERATION = { iterations: 1, group_size: 2, groups_per_iteration: 1, steps: 4, substeps: 1,
   eval_samples: 1, checkpoint_every: 1, eval_every: 1 };
+// Credit Signal at test size: one batch of 2 groups of 4, 2 continuations per state.
+const SMALL_SIGNAL = { batches: 1, continuations: 2, group_size: 4, groups: 2, steps: 4 };
 // What lies over the canvas (frontend 1.32): the side bar, the workflow tabs, the run bar and the minimap.
 const OVERLAYS = { sidebar: ".side-tool-bar-container", tabs: ".workflow-tabs-container",
   run_bar: ".queue-button-group", minimap: ".litegraph-minimap" };
@@ -75,7 +77,7 @@ async function main() {
       example.queued = !options.openOnly.includes(name);
       if (!example.queued) { save(); continue; }
 
-      await page.evaluate(({ training }) => {
+      await page.evaluate(({ training, signal }) => {
         const app = window.comfyAPI.app.app;
         const set = (node, values) => {
           for (const [key, value] of Object.entries(values)) {
@@ -87,11 +89,12 @@ async function main() {
         const stamp = Date.now().toString(36);
         for (const node of app.graph._nodes) {
           if (node.type === "SFGRPOTrainLoRA") set(node, { ...training, run_name: `examples_${stamp}` });
+          if (node.type === "SFGRPOCreditSignal") set(node, signal);
           if (node.type === "SFGRPOMiniWorldPromptList") set(node, { per_category: 1 });
           if (node.type === "SaveLoRA") set(node, { prefix: `loras/examples_${stamp}` });
         }
         window.__sfgrpoExample = { end: null, events: 0 };
-      }, { training: ONE_ITERATION });
+      }, { training: ONE_ITERATION, signal: SMALL_SIGNAL });
       const queuedAt = Date.now();
       await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0));
       await page.waitForFunction(() => window.__sfgrpoExample.end !== null, null,

@@ -275,6 +275,8 @@ def test_every_example_runs_and_its_nodes_show_their_results(examples_run):
         for entry in shown.values():
             if entry["type"] == "SFGRPOScore":
                 assert "mean: " in entry["text"], (name, entry)
+            if entry["type"] == "SFGRPOCreditSignal":  # the verdict, then the table, on the node
+                assert entry["text"].startswith(("per-step credit is", "no verdict")), (name, entry)
             if entry["type"] == "SFGRPOTweediePreview":  # its per-step reward curves, on the node itself
                 assert entry["images"] == 1, (name, entry)
             if entry["type"] == "SFGRPOTrainLoRA":

@@ -60,7 +60,7 @@ def training_run(comfy_server, tmp_path_factory, training_events):
 
 def test_every_example_workflow_is_tested_here():
     assert sorted(path.stem for path in API_WORKFLOWS.glob("*.json")) == [
-        "sample_with_lora", "score_images", "sde_vs_euler", "train_lora", "train_lora_flux_ocr",
+        "credit_signal", "sample_with_lora", "score_images", "sde_vs_euler", "train_lora", "train_lora_flux_ocr",
         "train_lora_sd35_pickscore", "tweedie_preview"]  # the last two: test_templates_real_models.py
 
 
@@ -69,6 +69,20 @@ def test_sde_vs_euler_samples_with_ksampler_names_and_sampler_custom_advanced(eu
     assert len(euler) == len(ddim) == len(flow) == 4
     assert pixels(euler[0]).shape == (64, 64, 3)
     assert np.abs(pixels(euler[0]) - pixels(ddim[0])).max() > 8  # the SDE's noise changes the sample
+
+
+def test_credit_signal_gives_a_verdict_and_a_plot_for_each_reward(comfy_server, tmp_path):
+    """At test size (8 trajectories of 4 steps, 2 continuations): the measurement's plumbing, not its verdict (the
+    verdicts at the example's own size are in docs/results.md)."""
+    small = [f"Credit Signal: {reward}.{key}={value}" for reward in ("MiniGenEval", "mini_pickscore")
+             for key, value in (("batches", 1), ("continuations", 2), ("group_size", 4), ("groups", 2),
+                                ("steps", 4))]
+    result = run(comfy_server, "credit_signal", tmp_path, *small, "Train Captions.per_category=1")
+    for node_id, prefix in (("8", "credit_signal_geneval"), ("9", "credit_signal_pickscore")):
+        text = "\n".join(result.outputs[node_id]["text"])
+        assert text.startswith(("per-step credit is", "no verdict")) and "step" in text, text
+        [plot] = files_with(result, prefix)
+        assert pixels(plot).std() > 5
 
 
 def test_score_images_shows_the_scores_on_the_node(comfy_server, tmp_path):

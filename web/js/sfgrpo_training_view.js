@@ -7,8 +7,9 @@
 //   the iteration's first trajectory points at. Nothing is drawn before the first event. After a page reload the
 //   chart refills from GET /sfgrpo/training?run_name=<run_name> (nodes/routes.py) when that route is there; a run
 //   still going carries on on the same chart (iterations missed while reloading are fetched again).
-// * Score and Train LoRA (SFGRPOScore, SFGRPOTrainLoRA): the node's text output (the executed message's "text",
-//   ui.PreviewText) is shown on the node in a read-only box, as the stock Preview Any node does.
+// * Score, Train LoRA and Credit Signal (SFGRPOScore, SFGRPOTrainLoRA, SFGRPOCreditSignal): the node's text output
+//   (the executed message's "text", ui.PreviewText: scores, the run's summary, the verdict and its table) is shown
+//   on the node in a read-only box, as the stock Preview Any node does.
 //
 // Served by ComfyUI at /extensions/sfgrpo/js/sfgrpo_training_view.js, hence ../../../scripts/ for the frontend's
 // module shims.
@@ -17,7 +18,7 @@ import { api } from "../../../scripts/api.js";
 
 const EVENT = "sfgrpo.training";
 const TRAIN_NODE = "SFGRPOTrainLoRA";
-const TEXT_NODES = new Set(["SFGRPOScore", TRAIN_NODE]);
+const TEXT_NODES = new Set(["SFGRPOScore", TRAIN_NODE, "SFGRPOCreditSignal"]);
 const CHART_WIDGET = "sfgrpo_training_view";
 const TEXT_WIDGET = "sfgrpo_text";
 const CHART_HEIGHT = 200; // the whole view: the chart, the estimate strip (STRIP_HEIGHT) and the status line
