@@ -10,32 +10,10 @@ rotary axes (16, 56, 56) are fixed, which fixes the hidden size at 3072 (~530M p
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from template_models import flux_state_dict
 
 CONTEXT_DIM, POOLED_DIM, TOKENS = 64, 32, 6
 FILE = "tiny_flux_test.safetensors"
-
-
-def _random_flux_state_dict() -> dict[str, torch.Tensor]:
-    """The state dict of ComfyUI's Flux class at the sizes above, random N(0, 0.02) weights (norm scales 1, biases
-    0), in float16: built on the meta device first so only the saved tensors take memory."""
-    import comfy.ldm.flux.model
-    import comfy.ops
-
-    with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(
-            image_model="flux", in_channels=16, out_channels=16, vec_in_dim=POOLED_DIM, context_in_dim=CONTEXT_DIM,
-            hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
-            theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, operations=comfy.ops.disable_weight_init)
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith(".scale"):
-            state[name] = torch.ones(tensor.shape, dtype=torch.float16)
-        elif name.endswith(".bias"):
-            state[name] = torch.zeros(tensor.shape, dtype=torch.float16)
-        else:
-            state[name] = (torch.randn(tensor.shape, generator=generator) * 0.02).to(torch.float16)
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +25,7 @@ def flux(comfy_engine, tmp_path_factory):
     import nodes as comfy_nodes
 
     folder = tmp_path_factory.mktemp("flux_models")
-    save_file(_random_flux_state_dict(), str(folder / FILE))
+    save_file(flux_state_dict(0, context_dim=CONTEXT_DIM, pooled_dim=POOLED_DIM), str(folder / FILE))
     folder_paths.add_model_folder_path("diffusion_models", str(folder))
     with torch.inference_mode():
         (patcher,) = comfy_nodes.UNETLoader().load_unet(FILE, "default")
