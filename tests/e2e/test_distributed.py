@@ -85,12 +85,17 @@ def test_two_sharded_processes_train_the_same_lora_and_resume_from_whole_checkpo
 
 def test_fsdp_shards_the_mini_worlds_transformer_block_by_block_and_trains_the_same_lora(tmp_path):
     """The SD3 transformer of the mini world, each block sharded on its own, two processes over gloo: the gradients
-    of one process (their norms to 1e-4 at every iteration) and its LoRA. AdamW divides by the gradients' own size,
-    so its first step is lr x sign(g): an element whose gradient is rounding noise takes a whole +-lr step either
-    way, as the summation order falls. The LoRA's difference is usually ~8e-5 of its norm, once 2.4e-2 in one small
-    matrix (block 0's add_k_proj lora_A) of a CI run; a sharding error moves every matrix and every gradient norm."""
+    of one process (their norms to 1e-4 at the first iteration, 1e-2 at the second) and its LoRA. AdamW divides by
+    the gradients' own size, so its first step is lr x sign(g): an element whose gradient is rounding noise takes a
+    whole +-lr step either way, as the summation order falls. The LoRA's difference is ~3e-4 of its norm in the
+    typical matrix (at most 3e-3 here; once 2.4e-2 in one small matrix of a CI run); a sharding error moves every
+    matrix and every gradient norm. The second iteration's reward and grad norm differ by ~2e-4 and ~6e-4 (relative)
+    on an AVX2 EPYC. The reward is the smooth mini_pickscore: under MiniGenEval's pass/fail checks that small
+    difference in the LoRA once flipped a check in the second iteration's rollouts, and with it the advantages (grad
+    norm 0.0031 against 0.0071), so the second iteration compared two different batches, not two shardings of one."""
     args = ["train", "configs/miniworld.yaml", "--train.groups_per_iteration", "2", "--train.group_size", "4",
-            "--train.eval_every", "0", "--train.iterations", "2", "--train.checkpoint_every", "1"]
+            "--train.eval_every", "0", "--train.iterations", "2", "--train.checkpoint_every", "1",
+            "--train.reward", "mini_pickscore"]
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run([sys.executable, "-m", "sfgrpo_core.cli", *args, "--train.output_dir", str(one)],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -102,11 +107,14 @@ def test_fsdp_shards_the_mini_worlds_transformer_block_by_block_and_trains_the_s
     assert "FSDP shards the model over the 2 processes: 4 transformer blocks one by one" in sharded.stderr
     expected, got = load_file(one / "lora.safetensors"), load_file(two / "lora.safetensors")
     assert expected.keys() == got.keys() and sum(float(t.norm()) for k, t in expected.items() if "lora_B" in k) > 0
-    assert [r["grad_norm"] for r in _records(one)] == pytest.approx([r["grad_norm"] for r in _records(two)], rel=1e-4)
+    first, second = _records(one), _records(two)
+    assert first[0]["grad_norm"] == pytest.approx(second[0]["grad_norm"], rel=1e-4)  # the same batch, exactly
+    assert first[1]["reward_mean"] == pytest.approx(second[1]["reward_mean"], rel=5e-3)  # nearly the same LoRA
+    assert first[1]["grad_norm"] == pytest.approx(second[1]["grad_norm"], rel=1e-2)
     differences = {key: float((expected[key] - got[key]).norm() / expected[key].norm().clamp_min(1e-12))
                    for key in expected}
     assert max(differences.values()) <= 5e-2, max(differences.items(), key=lambda item: item[1])
-    assert sorted(differences.values())[len(differences) // 2] <= 1e-3, differences  # the typical matrix
+    assert sorted(differences.values())[len(differences) // 2] <= 3e-3, differences  # the typical matrix
 
 
 def test_accelerate_launch_with_the_shipped_fsdp_config_shards(toy_base_path, tmp_path):
