@@ -139,10 +139,16 @@ def diffusers_part(architecture: str, device: str, iterations: int, latent_size:
     })
     _reset_memory(device)
     from sfgrpo_core import models
+    from sfgrpo_core.training.diagnose import diagnose
 
+    # sfgrpo diagnose first, on its own copy of the model: where the update makes a NaN, finite_update names the
+    # module (the tiny FLUX's loss was NaN in bfloat16 on CUDA, never on a CPU).
+    checks = diagnose(config.replace(**{"train.output_dir": str(work_dir / f"diagnose_{architecture}")}),
+                      model=models.build("diffusers", path=str(folder), device=device, **options))
     model = models.build("diffusers", path=str(folder), device=device, **options)
     dtypes = sorted({str(parameter.dtype) for parameter in model.module.parameters()})
     summary = run_training(config, device, model=model)
+    summary["diagnose"] = [check.line() for check in checks]
     summary["config"] = {"options": options, "group_size": 4, "groups": 2, "steps": 4, "substeps": 2,
                          "transformer_dtypes_before_lora": dtypes,
                          "lora_dtypes": sorted({str(p.dtype) for n, p in model.module.named_parameters()

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train with this many processes on this machine (one per GPU; gloo on CPU): shorthand "
                             "for accelerate launch --multi_gpu --num_processes N -m sfgrpo_core.cli train ...")
     _add_config_flags(train)
-    diagnose = commands.add_parser("diagnose", help="check on-policy ratio, log-prob parity and the ODE sampler")
+    diagnose = commands.add_parser("diagnose", help="check on-policy ratio, log-prob parity, the ODE sampler, and "
+                                                    "where a NaN is made")
     diagnose.add_argument("config", nargs="?", help="YAML or JSON config file")
     _add_config_flags(diagnose)
     show = commands.add_parser("config", help="print the resolved config (defaults + file + flags) as YAML")

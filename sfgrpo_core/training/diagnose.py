@@ -6,6 +6,8 @@
    not change a sample's log-prob).
 3. zero_noise_is_ode: the training SDE with its noise set to 0 gives the ODE sampler's samples.
 4. ode_matches_base: with a freshly attached (zero) LoRA the ODE samples equal the base model's (adapter off).
+5. finite_update: one micro-batch of the update, forward and backward, keeps every module's output and gradient
+   finite; where it does not, the first module that made a NaN or inf (training.nonfinite).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import torch
 
 from .. import seeding
 from ..algorithm import losses
-from ..algorithm.sde import get_step_function
+from ..algorithm.sde import StepFunction, get_step_function
 from ..config import Config
 from ..lora.adapters import adapter_disabled, load_lora_state_dict
 from ..models.base import VelocityModel
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .rollout import make_prompt_batch, rollout
+from .nonfinite import non_finite_gradients, watch
+from .rollout import Rollout, make_prompt_batch, rollout
 from .trainer import Session, build_session, collect, step_function_for
 from .update import recompute_steps
 
@@ -71,6 +74,9 @@ def diagnose(config: Config, *, model: VelocityModel | None = None, tolerance: f
     results.append(CheckResult("log_prob_parity", parity <= tolerance, parity, tolerance,
                                f"max |log p(update path, micro-batches of {micro}) - log p(rollout)|"))
 
+    results.append(_finite_update(model, trajectories, members[order[:micro]], steps[order[:micro]], step_fn,
+                                  config.optim.clip_range))
+
     zero_noise = get_step_function(config.sampler.sde, 0.0)
     sde_samples = rollout(model, batch, sigmas, zero_noise).final
     ode_samples = rollout(model, batch, sigmas, get_step_function("ode", 0.0)).final
@@ -91,3 +97,25 @@ def _ode_matches_base(session: Session, tolerance: float) -> CheckResult:
     gap = float((with_adapter - base).abs().max())
     return CheckResult("ode_matches_base", gap <= tolerance, gap, tolerance,
                        "max |ODE samples with a fresh LoRA - base model (adapter off)|")
+
+
+def _finite_update(model: VelocityModel, trajectories: Rollout, members: torch.Tensor, steps: torch.Tensor,
+                   step_fn: StepFunction, clip_range: float) -> CheckResult:
+    """The update's forward and backward on one micro-batch (unit advantages), every submodule watched."""
+    if not len(members):
+        return CheckResult("finite_update", True, 0.0, 0.0, "no active transitions to run")
+    with torch.enable_grad(), watch(model.module) as found:
+        step = recompute_steps(model, trajectories, members, steps, step_fn)
+        loss = losses.grpo_loss(step.log_prob, trajectories.log_probs[members, steps].to(step.log_prob.device),
+                                torch.ones(len(members), device=step.log_prob.device), clip_range=clip_range).loss
+        loss.backward()
+    bad_gradients = non_finite_gradients(model.module)
+    model.module.zero_grad(set_to_none=True)
+    first = found.first
+    if first is None and not bad_gradients and bool(torch.isfinite(loss.detach())):
+        return CheckResult("finite_update", True, 0.0, 0.0, f"every module's output and gradient finite over "
+                                                             f"{len(members)} transitions")
+    where = first.describe() if first is not None else "not inside a module (the log-prob or the loss itself)"
+    return CheckResult("finite_update", False, float(len(found.sites) + len(bad_gradients)), 0.0,
+                       f"loss {float(loss.detach()):.4g}; first non-finite value: {where}; "
+                       f"{len(bad_gradients)} LoRA gradients non-finite")

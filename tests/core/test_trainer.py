@@ -157,3 +157,37 @@ def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(toy_co
 
     for checkpoint in (run_dir / "checkpoints").glob("iter_*"):
         assert all(torch.isfinite(tensor).all() for tensor in load_file(checkpoint / "lora.safetensors").values())
+
+
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward: a fault in a module's backward pass."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("fault", ["forward", "backward"])
+def test_diagnose_names_the_module_that_makes_a_nan(toy_config, fault):
+    """A NaN injected into one layer of the real toy model, in its forward output or in its backward pass: the
+    finite_update check fails and names that layer, and the other checks run on."""
+    from sfgrpo_core import models
+
+    model = models.build("toy", path=toy_config.model.path)
+    layer = model.module.hidden2
+    if fault == "forward":
+        layer.register_forward_hook(lambda module, inputs, output: output * float("nan") if torch.is_grad_enabled()
+                                    else output)
+    else:
+        layer.register_forward_hook(lambda module, inputs, output: _NaNGradient.apply(output))
+    results = {result.name: result for result in diagnose(toy_config, model=model)}
+    check = results["finite_update"]
+    assert not check.passed and check.value > 0, check.line()
+    expected = ("forward output of hidden2.base_layer (its inputs finite)" if fault == "forward" else
+                "backward of hidden2.base_layer (the gradient at its output finite, at its input not)")
+    assert f"first non-finite value: {expected}" in check.detail, check.line()
+    assert results["on_policy_ratio"].passed and results["zero_noise_is_ode"].passed  # the rollout ran no-grad
