@@ -32,7 +32,7 @@ def test_train_then_resume_then_diagnose_from_the_command_line(toy_base_path, tm
     assert iterations == [0, 1, 2, 3, 4]  # four training records and the final evaluation
     checked = _sfgrpo("diagnose", *common)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert checked.stdout.count("PASS") == 4
+    assert checked.stdout.count("PASS") == 5 and "PASS  finite_update" in checked.stdout
 
 
 @pytest.mark.slow  # a subprocess or an install: left out by make test-fast
