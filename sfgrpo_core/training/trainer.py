@@ -278,7 +278,8 @@ def require_finite(iteration: int, trajectories: Rollout, stats: UpdateStats, mo
     """Stop the run (NonFiniteError) when the rollout's latents, the loss or the LoRA weights are not finite, so a
     diverged run never writes a checkpoint or a LoRA and never reports success; the last checkpoint stays."""
     advice = ("the last good checkpoint is kept; lower optim.lr, keep optim.grad_clip on, or run the model in "
-              "float32, then resume (`sfgrpo diagnose` with this config names the module that makes the NaN)")
+              "float32, then resume (for a headless run, `sfgrpo diagnose` with its config names the module that "
+              "makes the NaN)")
     if not team.all_true(bool(torch.isfinite(trajectories.states).all())):  # every process stops, not only one
         raise NonFiniteError(f"iteration {iteration}: the rollout produced non-finite latents (NaN/inf); {advice}")
     if not math.isfinite(stats.loss):
