@@ -10,5 +10,6 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PY" benchmarks/gpu_check.py --device cuda --out benchmarks/results/gpu 2>&1 | tail -40
 "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu 2>&1 | tail -40
+"$PY" -m pytest -q -p no:cacheprovider tests/e2e/test_bf16_training.py -k cuda 2>&1 | tail -40  # FLUX/SD3 in bf16
 "$PY" benchmarks/gpu_memory_24gb.py --device cuda --out benchmarks/results/gpu_24gb_sd35m_pickscore.json 2>&1 | tail -10
 "$PY" -m sfgrpo_core.cli bench speed --device cuda --iterations 3 --out benchmarks/results/speed_cuda.json 2>&1 | tail -30
