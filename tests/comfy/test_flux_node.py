@@ -7,6 +7,8 @@ ComfyUI 0.3.75 reads FLUX's hidden size, text width and pooled width from the we
 rotary axes (16, 56, 56) are fixed, which fixes the hidden size at 3072 (~530M parameters for 1+1 blocks)."""
 
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,7 +35,10 @@ def flux(comfy_engine, tmp_path_factory):
     generator = torch.Generator().manual_seed(1)
     conditioning = [[torch.randn(1, TOKENS, CONTEXT_DIM, generator=generator),
                      {"pooled_output": torch.randn(1, POOLED_DIM, generator=generator), "guidance": 3.5}]]
-    return {"model": patcher, "vae": vae, "conditioning": conditioning}
+    yield {"model": patcher, "vae": vae, "conditioning": conditioning}
+    # 1 GB (FLUX's hidden size is fixed at 3072): gone with the module, not at the end of the session.
+    folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(folder))
+    shutil.rmtree(folder)
 
 
 def test_comfyui_detects_the_random_model_as_flux(flux):

@@ -71,7 +71,11 @@ def models(comfy_engine, tmp_path_factory):
     shutil.copytree(stand_in["processor"], root / "rewards" / "CLIP-ViT-H-14-laion2B-s32B-b79K")
     for kind in MODEL_FOLDERS:
         folder_paths.add_model_folder_path(kind, str(root / kind))
-    return root
+    yield root
+    # 2.9 GB (CLIP-G and FLUX at the widths ComfyUI fixes): gone with the module, not at the end of the session.
+    for kind in MODEL_FOLDERS:
+        folder_paths.folder_names_and_paths[kind][0].remove(str(root / kind))
+    shutil.rmtree(root)
 
 
 def test_the_templates_name_the_files_comfyuis_examples_use_and_the_recipe():
