@@ -96,7 +96,7 @@ def test_fsdp_shards_the_mini_worlds_transformer_block_by_block_and_trains_the_s
     iteration's rollouts.
 
     A known defect, not the sharding of the gradients: on CPU over gloo, about one sharded run in five samples a
-    first rollout that differs from the one-process run's (its mean reward by ~1e-3; seen in 2 of 10 runs on an
+    first rollout that differs from the one-process run's (its mean reward by ~1e-3; seen in 2 of 8 runs on an
     AVX2 EPYC, never with DDP in 6). Its cause is not found (docs/training.md). The sharded run is repeated, at most
     three times, until its first rollout is the one-process run's batch, and the gradients are compared on that."""
     args = ["train", "configs/miniworld.yaml", "--train.groups_per_iteration", "2", "--train.group_size", "4",
