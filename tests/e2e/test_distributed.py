@@ -97,9 +97,9 @@ def test_fsdp_shards_the_mini_worlds_transformer_block_by_block_and_trains_the_s
 
     A known defect, not the sharding of the gradients: on CPU over gloo, a sharded run sometimes samples a first
     rollout that differs from the one-process run's (its mean reward by ~1e-3). On an AVX2 EPYC: 2 of 8 runs with
-    another process busy on the machine, 0 of 12 on the idle machine, never with DDP (6 runs): a race in the sharded
-    forward pass whose cause is not found (docs/training.md). The sharded run is repeated, at most three times, until
-    its first rollout is the one-process run's batch, and the gradients are compared on that."""
+    another process busy on the machine, 0 of 12 on the idle machine, never with DDP (6 runs, busy): a race in the
+    sharded forward pass whose cause is not found (docs/training.md). The sharded run is repeated, at most three times,
+    until its first rollout is the one-process run's batch, and the gradients are compared on that."""
     args = ["train", "configs/miniworld.yaml", "--train.groups_per_iteration", "2", "--train.group_size", "4",
             "--train.eval_every", "0", "--train.iterations", "2", "--train.checkpoint_every", "1",
             "--train.reward", "mini_pickscore", "--optim.minibatches", "1"]
